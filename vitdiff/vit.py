@@ -1,0 +1,122 @@
+"""The Vision Transformer for classification (chapter 03), laid out like timm's VisionTransformer."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .layers import PatchEmbed, TransformerBlock, get_2d_sincos_pos_embed
+
+
+class ViT(nn.Module):
+    """ViT (Dosovitskiy et al., 2021): patches -> [CLS] + tokens + positions -> pre-norm blocks -> head.
+
+    global_pool="token" classifies from the CLS token, "avg" from the mean of the patch tokens.
+    pos_embed="learn" trains the position embedding; "sincos" fixes it to the 2-D sin-cos table.
+    """
+
+    def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, num_classes: int = 1000,
+                 embed_dim: int = 768, depth: int = 12, num_heads: int = 12, mlp_ratio: float = 4.0,
+                 qkv_bias: bool = True, global_pool: str = "token", pos_embed: str = "learn",
+                 class_token: bool = True):
+        super().__init__()
+        if global_pool not in ("token", "avg"):
+            raise ValueError(f"global_pool must be 'token' or 'avg', got {global_pool!r}")
+        if pos_embed not in ("learn", "sincos"):
+            raise ValueError(f"pos_embed must be 'learn' or 'sincos', got {pos_embed!r}")
+        if global_pool == "token" and not class_token:
+            raise ValueError("global_pool='token' needs class_token=True")
+        self.img_size, self.in_chans, self.num_classes = img_size, in_chans, num_classes
+        self.embed_dim, self.global_pool = embed_dim, global_pool
+        self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
+                           embed_dim=embed_dim, depth=depth, num_heads=num_heads, mlp_ratio=mlp_ratio,
+                           qkv_bias=qkv_bias, global_pool=global_pool, pos_embed=pos_embed,
+                           class_token=class_token)
+
+        self.patch_embed = PatchEmbed(img_size, patch_size, in_chans, embed_dim)
+        self.num_prefix_tokens = 1 if class_token else 0
+        num_tokens = self.patch_embed.num_patches + self.num_prefix_tokens
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, embed_dim)) if class_token else None
+        if pos_embed == "learn":
+            self.pos_embed = nn.Parameter(torch.randn(1, num_tokens, embed_dim) * 0.02)
+        else:
+            table = get_2d_sincos_pos_embed(embed_dim, self.patch_embed.grid_size, cls_token=class_token)
+            self.register_buffer("pos_embed", table[None], persistent=False)  # (1, T, D), not trained
+        self.blocks = nn.ModuleList(
+            [TransformerBlock(embed_dim, num_heads, mlp_ratio, qkv_bias=qkv_bias) for _ in range(depth)]
+        )
+        self.norm = nn.LayerNorm(embed_dim, eps=1e-6)
+        self.head = nn.Linear(embed_dim, num_classes) if num_classes > 0 else nn.Identity()
+        self.apply(_init_weights)
+        if self.cls_token is not None:
+            nn.init.normal_(self.cls_token, std=1e-6)
+
+    def _tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, T, D): patch tokens, the CLS token in front, positions added."""
+        x = self.patch_embed(x)  # (B, N, D); checks channels and size
+        if self.cls_token is not None:
+            x = torch.cat([self.cls_token.expand(x.shape[0], -1, -1), x], dim=1)  # (B, 1 + N, D)
+        return x + self.pos_embed
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, T, D): every token after the blocks and the final norm."""
+        x = self._tokens(x)
+        for block in self.blocks:
+            x = block(x)
+        return self.norm(x)
+
+    def forward_head(self, features: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        """(B, T, D) -> pooled (B, D) if pre_logits, else logits (B, num_classes)."""
+        if self.global_pool == "avg":
+            pooled = features[:, self.num_prefix_tokens:].mean(dim=1)
+        else:
+            pooled = features[:, 0]
+        return pooled if pre_logits else self.head(pooled)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> logits (B, num_classes)."""
+        return self.forward_head(self.forward_features(x))
+
+    @torch.no_grad()
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, C, H, W) -> (B, D): the pooled representation the head classifies (for retrieval)."""
+        return self.forward_head(self.forward_features(x), pre_logits=True)
+
+    @torch.no_grad()
+    def attention_maps(self, x: torch.Tensor) -> list[torch.Tensor]:
+        """Attention weights of every block: a list of depth tensors (B, heads, T, T)."""
+        x = self._tokens(x)
+        maps = []
+        for block in self.blocks:
+            x, weights = block(x, return_attn=True)
+            maps.append(weights)
+        return maps
+
+
+def attention_rollout(maps: list[torch.Tensor], residual: bool = True) -> torch.Tensor:
+    """Attention rollout (Abnar & Zuidema, 2020): (depth × (B, h, T, T)) -> (B, T, T).
+
+    Average the heads, add the identity for the residual path, renormalise rows, and multiply
+    through the layers: entry [i, j] says how much output token i draws on input token j.
+    """
+    if not maps:
+        raise ValueError("attention_rollout needs at least one attention map")
+    rollout = None
+    for weights in maps:
+        a = weights.mean(dim=1)  # (B, T, T)
+        if residual:
+            a = a + torch.eye(a.shape[-1], device=a.device, dtype=a.dtype)
+            a = a / a.sum(dim=-1, keepdim=True)
+        rollout = a if rollout is None else a @ rollout
+    return rollout
+
+
+def _init_weights(module: nn.Module) -> None:
+    """timm-style initialisation: truncated-normal linear weights, zero biases, unit LayerNorm."""
+    if isinstance(module, nn.Linear):
+        nn.init.trunc_normal_(module.weight, std=0.02)
+        if module.bias is not None:
+            nn.init.zeros_(module.bias)
+    elif isinstance(module, nn.LayerNorm):
+        nn.init.ones_(module.weight)
+        nn.init.zeros_(module.bias)
