@@ -236,3 +236,35 @@ class TransformerBlock(nn.Module):
             raise ValueError("context was given but this TransformerBlock was built without context_dim")
         x = x + self.mlp(self.norm2(x))
         return (x, weights) if return_attn else x
+
+
+# ----------------------------------------------------------------------------- timesteps (chapters 04–09)
+
+
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps t (B,) -> (B, dim), laid out [cos, sin].
+
+    The same frequencies as the transformer's position code: ω_k = max_period^(-k / (dim/2)).
+    """
+    if t.ndim != 1:
+        raise ValueError(f"timesteps must be a 1-D tensor (B,), got shape {tuple(t.shape)}")
+    half = dim // 2
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    args = t.float()[:, None] * freqs[None]  # (B, dim/2)
+    emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+    if dim % 2:
+        emb = F.pad(emb, (0, 1))  # odd widths get one zero column
+    return emb  # (B, dim)
+
+
+class TimestepEmbedder(nn.Module):
+    """Timestep t (B,) -> sinusoidal features -> MLP -> (B, hidden_size), as in DiT and the U-Net."""
+
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+        super().__init__()
+        self.frequency_embedding_size = frequency_embedding_size
+        self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
+                                 nn.Linear(hidden_size, hidden_size))
+
+    def forward(self, t: torch.Tensor) -> torch.Tensor:
+        return self.mlp(timestep_embedding(t, self.frequency_embedding_size))
