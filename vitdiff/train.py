@@ -1,0 +1,259 @@
+"""One training loop for every chapter: AdamW, warmup + cosine LR, clipping, bf16 on CUDA, EMA,
+periodic evaluation, checkpoints and exact resume.
+
+    result = train(model, loss_fn, (images, labels), TrainConfig(steps=500), eval_fn=...)
+
+`loss_fn(model, batch) -> loss` (or `(loss, {"name": value})`) sees one batch: a tuple of tensors
+sliced from `data`, already on the device. `data` is a tuple of tensors sharing their first
+dimension (sampled without replacement, one seeded permutation per epoch, so the batch at step s
+depends only on the seed and s), or a callable `step -> batch` for data made on the fly.
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from .budget import get_device
+from .checkpoint import load_checkpoint, save_checkpoint
+
+Batch = tuple[torch.Tensor, ...]
+
+
+@dataclass
+class TrainConfig:
+    """Hyper-parameters of `train`; every field has a sensible default except the number of steps."""
+
+    steps: int
+    batch_size: int = 128
+    lr: float = 1e-3
+    weight_decay: float = 0.05
+    betas: tuple[float, float] = (0.9, 0.999)
+    warmup_steps: int = 0
+    min_lr_ratio: float = 0.0  # cosine decays the LR to lr * min_lr_ratio
+    grad_clip: float | None = 1.0
+    ema_decay: float | None = None
+    eval_every: int = 0  # 0: evaluate only at the end (when eval_fn is given)
+    checkpoint_every: int = 0  # 0: checkpoint only at the end (when checkpoint_dir is given)
+    checkpoint_dir: str | None = None  # resume from here if a checkpoint exists
+    amp: bool = True  # bf16 autocast on CUDA (ignored on the CPU)
+    channels_last: bool = False  # NHWC memory layout for conv nets on CUDA
+    seed: int = 0
+
+    def __post_init__(self):
+        if not isinstance(self.steps, int) or self.steps <= 0:
+            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
+        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
+            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
+        if self.lr <= 0:
+            raise ValueError(f"lr must be positive, got {self.lr!r}")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError(f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps!r}")
+        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+            raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay!r}")
+
+
+@dataclass
+class History:
+    """What happened during training: per-step loss and LR, evaluations, wall time."""
+
+    step: list[int] = field(default_factory=list)
+    loss: list[float] = field(default_factory=list)
+    lr: list[float] = field(default_factory=list)
+    evals: list[dict[str, float]] = field(default_factory=list)  # each has "step"
+    metrics: list[dict[str, float]] = field(default_factory=list)  # extra values from loss_fn
+    seconds: float = 0.0
+    examples: int = 0
+
+    @property
+    def examples_per_second(self) -> float:
+        return self.examples / self.seconds if self.seconds > 0 else float("nan")
+
+
+@dataclass
+class TrainResult:
+    model: nn.Module
+    ema: nn.Module | None
+    history: History
+    interrupted: bool = False
+
+    @property
+    def best_model(self) -> nn.Module:
+        """The EMA copy when training kept one, else the model."""
+        return self.ema if self.ema is not None else self.model
+
+
+def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> float:
+    """Linear warmup from 0 to 1 over `warmup` steps, then cosine decay to `min_ratio` at `total`."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+
+
+def tensor_batches(data: Sequence[torch.Tensor], batch_size: int, seed: int) -> Callable[[int], Batch]:
+    """A function step -> batch over tensors sharing dim 0, epoch-wise shuffled, reproducible from (seed, step)."""
+    n = data[0].shape[0]
+    if any(t.shape[0] != n for t in data):
+        raise ValueError(f"all data tensors must share their first dimension, got {[t.shape[0] for t in data]}")
+    batch_size = min(batch_size, n)
+    per_epoch = n // batch_size
+    cache: dict[int, torch.Tensor] = {}
+
+    def batch(step: int) -> Batch:
+        epoch, i = divmod(step, per_epoch)
+        if epoch not in cache:
+            cache.clear()
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+            cache[epoch] = torch.randperm(n, generator=gen).to(data[0].device)
+        idx = cache[epoch][i * batch_size:(i + 1) * batch_size]
+        return tuple(t[idx] for t in data)
+
+    return batch
+
+
+def _rng_state(device: torch.device) -> dict[str, Any]:
+    state = {"cpu": torch.get_rng_state()}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+@torch.no_grad()
+def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
+    """ema ← decay·ema + (1 − decay)·model for parameters; buffers are copied."""
+    for e, p in zip(ema.parameters(), model.parameters()):
+        e.lerp_(p.detach(), 1 - decay)
+    for e, b in zip(ema.buffers(), model.buffers()):
+        e.copy_(b)
+
+
+def train(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], Any],
+          data: Sequence[torch.Tensor] | Callable[[int], Batch], config: TrainConfig, *,
+          eval_fn: Callable[[nn.Module], dict[str, float]] | None = None,
+          device: str | torch.device | None = None, progress: bool = True,
+          parameters: list[nn.Parameter] | None = None) -> TrainResult:
+    """Train `model` for `config.steps` steps and return the model, its EMA copy and the history.
+
+    With `config.checkpoint_dir` set, a checkpoint there is resumed exactly (weights, optimizer,
+    LR schedule, RNG, data order) and a new one is written every `checkpoint_every` steps, at the
+    end, and on Ctrl-C (which then returns what was trained so far instead of raising).
+    `parameters` restricts optimisation to a subset (e.g. a linear probe on a frozen backbone).
+    """
+    if not isinstance(config, TrainConfig):
+        raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    device = get_device(device)
+    model.to(device)
+    if config.channels_last and device.type == "cuda":
+        model.to(memory_format=torch.channels_last)
+    if callable(data):
+        next_batch = data
+    else:
+        tensors = tuple(t.to(device) for t in data)
+        next_batch = tensor_batches(tensors, config.batch_size, config.seed)
+
+    params = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.ndim >= 2]  # no weight decay on biases, norms, embeddings' scalars
+    no_decay = [p for p in params if p.ndim < 2]
+    groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]],
+                                  lr=config.lr, betas=config.betas, fused=device.type == "cuda")
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: lr_factor(s, config.steps, config.warmup_steps, config.min_lr_ratio))
+    ema = copy.deepcopy(model).eval().requires_grad_(False) if config.ema_decay else None
+
+    history, start = History(), 0
+    ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else None
+    if ckpt is not None and (ckpt / "config.json").exists():
+        meta = load_checkpoint(ckpt, model, optimizer=optimizer, scheduler=scheduler, ema=ema)
+        start = meta["step"]
+        history = History(**meta["extra"].get("history", {}))
+        if meta["rng"] is not None:
+            _set_rng_state(meta["rng"], device)
+    else:
+        torch.manual_seed(config.seed)
+
+    def checkpoint(step: int) -> None:
+        if ckpt is not None:
+            save_checkpoint(ckpt, model, step=step, optimizer=optimizer, scheduler=scheduler, ema=ema,
+                            extra={"train_config": asdict(config), "history": asdict(history)},
+                            rng=_rng_state(device))
+
+    def evaluate(step: int) -> None:
+        if eval_fn is None:
+            return
+        target = ema if ema is not None else model
+        was_training = target.training
+        target.eval()
+        with torch.no_grad():
+            values = {k: float(v) for k, v in eval_fn(target).items()}
+        target.train(was_training)
+        history.evals.append({"step": step, **values})
+
+    autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
+                              enabled=config.amp and device.type == "cuda")
+    model.train()
+    step, interrupted = start, False
+    bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="train", leave=False)
+    tic = time.perf_counter()
+    try:
+        for step in range(start, config.steps):
+            batch = next_batch(step)
+            with autocast:
+                out = loss_fn(model, batch)
+            loss, extra = out if isinstance(out, tuple) else (out, {})
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower lr or check data")
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if config.grad_clip:
+                nn.utils.clip_grad_norm_(params, config.grad_clip)
+            optimizer.step()
+            scheduler.step()
+            if ema is not None:
+                update_ema(ema, model, config.ema_decay)
+            history.step.append(step)
+            history.loss.append(loss.item())
+            history.lr.append(scheduler.get_last_lr()[0])
+            if extra:
+                history.metrics.append({k: float(v) for k, v in extra.items()})
+            history.examples += batch[0].shape[0] if isinstance(batch, (tuple, list)) else 0
+            bar.update(1)
+            if step % 10 == 0:
+                bar.set_postfix(loss=f"{history.loss[-1]:.4f}")
+            done = step + 1
+            if config.eval_every and done % config.eval_every == 0 and done < config.steps:
+                evaluate(done)
+            if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+                history.seconds += time.perf_counter() - tic
+                tic = time.perf_counter()
+                checkpoint(done)
+        step = config.steps
+    except KeyboardInterrupt:
+        interrupted = True
+        step = history.step[-1] + 1 if history.step else start
+        print(f"Interrupted at step {step}; " + (f"checkpoint saved to {ckpt}." if ckpt else
+                                                 "set checkpoint_dir to keep progress across interruptions."))
+    finally:
+        bar.close()
+    history.seconds += time.perf_counter() - tic
+    if not interrupted:
+        evaluate(step)
+    checkpoint(step)
+    model.eval()
+    return TrainResult(model=model, ema=ema, history=history, interrupted=interrupted)
