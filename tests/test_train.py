@@ -1,0 +1,161 @@
+"""The training loop: LR schedule, deterministic batches, EMA, exact resume, interruption, errors."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vitdiff.train import TrainConfig, lr_factor, tensor_batches, train, update_ema
+
+
+def _data(n=96, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, 0] > 0).long()
+    return x, y
+
+
+def _model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+
+
+def _loss(model, batch):
+    x, y = batch
+    # noise drawn from the global RNG: exact resume must restore it
+    return F.cross_entropy(model(x + 0.05 * torch.randn_like(x)), y)
+
+
+def test_lr_factor_warmup_then_cosine():
+    assert lr_factor(0, 100, 10) == pytest.approx(0.1)
+    assert lr_factor(9, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(10, 100, 10) == pytest.approx(1.0)
+    assert lr_factor(55, 100, 10) == pytest.approx(0.5)
+    assert lr_factor(100, 100, 10, min_ratio=0.1) == pytest.approx(0.1)
+    values = [lr_factor(s, 100, 10) for s in range(10, 100)]
+    assert all(a >= b for a, b in zip(values, values[1:]))
+
+
+def test_tensor_batches_cover_each_epoch_once_and_repeat():
+    x = torch.arange(20)
+    batch = tensor_batches((x,), batch_size=5, seed=3)
+    epoch0 = torch.cat([batch(s)[0] for s in range(4)])
+    assert sorted(epoch0.tolist()) == list(range(20))  # without replacement
+    epoch1 = torch.cat([batch(s)[0] for s in range(4, 8)])
+    assert not torch.equal(epoch0, epoch1)  # reshuffled
+    again = tensor_batches((x,), batch_size=5, seed=3)
+    assert torch.equal(again(6)[0], batch(6)[0])  # depends only on (seed, step)
+    with pytest.raises(ValueError, match="first dimension"):
+        tensor_batches((x, torch.arange(3)), 5, 0)
+
+
+def test_training_reduces_loss_and_records_history():
+    x, y = _data()
+    result = train(_model(), _loss, (x, y), TrainConfig(steps=60, batch_size=32, lr=3e-2), progress=False,
+                   eval_fn=lambda m: {"accuracy": (m(x).argmax(1) == y).float().mean()})
+    h = result.history
+    assert len(h.loss) == len(h.lr) == 60 and h.step == list(range(60))
+    assert sum(h.loss[-10:]) / 10 < 0.5 * sum(h.loss[:10]) / 10
+    assert h.evals[-1]["step"] == 60 and h.evals[-1]["accuracy"] > 0.9
+    assert h.examples == 60 * 32 and h.examples_per_second > 0
+
+
+def test_same_seed_same_losses_and_ema_lags():
+    x, y = _data()
+    cfg = TrainConfig(steps=15, batch_size=16, ema_decay=0.9)
+    a = train(_model(), _loss, (x, y), cfg, progress=False)
+    b = train(_model(), _loss, (x, y), cfg, progress=False)
+    assert a.history.loss == b.history.loss
+    assert a.best_model is a.ema
+    diff = sum((p - q).abs().sum() for p, q in zip(a.ema.parameters(), a.model.parameters()))
+    assert diff > 0
+
+
+def test_update_ema_formula():
+    ema, model = nn.Linear(2, 2), nn.Linear(2, 2)
+    expected = [0.75 * e.detach() + 0.25 * p.detach() for e, p in zip(ema.parameters(), model.parameters())]
+    update_ema(ema, model, 0.75)
+    for e, want in zip(ema.parameters(), expected):
+        assert torch.allclose(e, want)
+
+
+def test_exact_resume_matches_uninterrupted(tmp_path):
+    x, y = _data()
+    cfg = TrainConfig(steps=24, batch_size=16, warmup_steps=4, ema_decay=0.8)
+    straight = train(_model(), _loss, (x, y), cfg, progress=False)
+
+    calls = {"n": 0}
+
+    def interrupted_loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 11:  # Ctrl-C during step 10
+            raise KeyboardInterrupt
+        return _loss(model, batch)
+
+    ckpt = dataclasses.replace(cfg, checkpoint_dir=str(tmp_path / "run"))
+    first = train(_model(), interrupted_loss, (x, y), ckpt, progress=False)
+    assert first.interrupted and len(first.history.loss) == 10
+    resumed = train(_model(), _loss, (x, y), ckpt, progress=False)
+    assert not resumed.interrupted
+    assert resumed.history.loss == straight.history.loss  # bit-for-bit the same trajectory
+    for p, q in zip(resumed.ema.state_dict().values(), straight.ema.state_dict().values()):
+        assert torch.equal(p, q)
+    # a finished run resumed again does nothing more
+    again = train(_model(), _loss, (x, y), ckpt, progress=False)
+    assert again.history.loss == straight.history.loss
+
+
+def test_crash_resumes_from_last_periodic_checkpoint(tmp_path):
+    x, y = _data()
+    cfg = TrainConfig(steps=20, batch_size=16, checkpoint_every=5, checkpoint_dir=str(tmp_path / "ck"))
+    straight = train(_model(), _loss, (x, y), dataclasses.replace(cfg, checkpoint_dir=None), progress=False)
+    calls = {"n": 0}
+
+    def crashing_loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 13:  # a crash (not Ctrl-C) during step 12: nothing is saved then
+            raise RuntimeError("power cut")
+        return _loss(model, batch)
+
+    with pytest.raises(RuntimeError, match="power cut"):
+        train(_model(), crashing_loss, (x, y), cfg, progress=False)
+    from vitdiff.checkpoint import read_config
+    assert read_config(tmp_path / "ck")["step"] == 10
+    resumed = train(_model(), _loss, (x, y), cfg, progress=False)
+    assert resumed.history.loss == straight.history.loss
+
+
+def test_parameters_subset_freezes_the_rest():
+    x, y = _data()
+    model = _model()
+    frozen = model[0].weight.detach().clone()
+    train(model, _loss, (x, y), TrainConfig(steps=5, batch_size=16), parameters=list(model[2].parameters()),
+          progress=False)
+    assert torch.equal(model[0].weight, frozen)
+
+
+def test_callable_data_and_nonfinite_loss():
+    def batches(step):
+        return _data(16, seed=step)
+
+    result = train(_model(), _loss, batches, TrainConfig(steps=3, batch_size=16), progress=False)
+    assert len(result.history.loss) == 3
+    with pytest.raises(FloatingPointError, match="step 0"):
+        train(_model(), lambda m, b: m(b[0]).sum() * math.inf, batches, TrainConfig(steps=2), progress=False)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(steps=0), "steps"), (dict(steps=5, batch_size=0), "batch_size"), (dict(steps=5, lr=0), "lr"),
+    (dict(steps=5, warmup_steps=6), "warmup_steps"), (dict(steps=5, ema_decay=1.0), "ema_decay"),
+])
+def test_config_errors(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        TrainConfig(**kwargs)
+
+
+def test_train_rejects_non_config():
+    with pytest.raises(TypeError, match="TrainConfig"):
+        train(_model(), _loss, _data(), {"steps": 3})
