@@ -1,0 +1,210 @@
+"""Tests of the U-Net denoiser (chapter 05): shapes, zero init, conditioning, masks, errors, overfitting."""
+
+import json
+
+import pytest
+import torch
+
+from vitdiff.text import TextEncoder, Tokenizer
+from vitdiff.unet import ResBlock, SpatialTransformer, UNet
+
+TINY = dict(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=1, attention_resolutions=(1,), num_heads=2,
+            groups=4)
+
+
+def randomise(model: torch.nn.Module, std: float = 0.1) -> torch.nn.Module:
+    """Perturb every parameter, so the zero-initialised layers no longer hide the conditioning."""
+    torch.manual_seed(123)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(torch.randn_like(p) * std)
+    return model
+
+
+def text_inputs(b: int = 2, m: int = 5, dim: int = 6):
+    context = torch.randn(b, m, dim)
+    mask = torch.ones(b, m, dtype=torch.bool)
+    mask[:, -2:] = False  # last two tokens are padding
+    return context, mask
+
+
+@pytest.mark.parametrize("size, channel_mult", [(16, (1, 2, 2)), (28, (1, 2)), (28, (1, 2, 2)), (32, (1, 2, 2))])
+@pytest.mark.parametrize("conditioning", ["none", "class", "text"])
+def test_output_shape(size, channel_mult, conditioning):
+    torch.manual_seed(0)
+    cfg = dict(TINY, channel_mult=channel_mult, attention_resolutions=(len(channel_mult) - 1,))
+    cond = {}
+    if conditioning == "class":
+        cfg["num_classes"] = 10
+        cond["y"] = torch.tensor([3, 10])  # 10 is the null label
+    elif conditioning == "text":
+        cfg["context_dim"] = 6
+        cond["context"], cond["context_mask"] = text_inputs()
+    model = UNet(in_channels=3, **cfg)
+    x = torch.randn(2, 3, size, size)
+    assert model(x, torch.tensor([0, 999]), **cond).shape == x.shape
+
+
+def test_out_channels_and_non_square_input():
+    model = UNet(in_channels=3, out_channels=6, **TINY)
+    assert model(torch.randn(2, 3, 16, 24), torch.tensor([1, 2])).shape == (2, 6, 16, 24)
+
+
+def test_group_count_clamped_to_divide_channels():
+    model = UNet(base_channels=12, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(), num_heads=2)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert all(n.num_channels % n.num_groups == 0 for n in norms)
+    # the largest group count <= 32 that divides the channels (36 and 48 come from skip concatenations)
+    assert {(n.num_channels, n.num_groups) for n in norms} == {(12, 12), (24, 24), (36, 18), (48, 24)}
+    assert model(torch.randn(1, 1, 8, 8), torch.tensor([5])).shape == (1, 1, 8, 8)
+
+
+def test_untrained_model_predicts_exactly_zero():
+    model = UNet(num_classes=4, context_dim=6, **TINY)
+    context, mask = text_inputs()
+    out = model(torch.randn(2, 1, 16, 16), torch.tensor([3, 700]), y=torch.tensor([0, 4]), context=context,
+                context_mask=mask)
+    assert torch.equal(out, torch.zeros_like(out))
+
+
+def test_conditioning_changes_output_after_perturbation():
+    model = randomise(UNet(num_classes=4, context_dim=6, **TINY))
+    x = torch.randn(2, 1, 16, 16)
+    t, y = torch.tensor([10, 10]), torch.tensor([1, 1])
+    context, mask = text_inputs()
+    base = model(x, t, y=y, context=context, context_mask=mask)
+    assert base.abs().max() > 1e-3
+    assert not torch.allclose(model(x, torch.tensor([500, 500]), y=y, context=context, context_mask=mask), base)
+    assert not torch.allclose(model(x, t, y=torch.tensor([2, 2]), context=context, context_mask=mask), base)
+    assert not torch.allclose(model(x, t, y=y, context=context + 1, context_mask=mask), base)
+    scalar_t = model(x, torch.tensor(10), y=y, context=context, context_mask=mask)  # a scalar t is broadcast
+    torch.testing.assert_close(scalar_t, base)
+
+
+def test_padded_context_tokens_do_not_matter():
+    model = randomise(UNet(context_dim=6, **TINY)).eval()
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([100, 200])
+    context, mask = text_inputs()
+    base = model(x, t, context=context, context_mask=mask)
+    changed = context.clone()
+    changed[:, -2:] = torch.randn(2, 2, 6) * 10  # padded positions
+    torch.testing.assert_close(model(x, t, context=changed, context_mask=mask), base, atol=1e-5, rtol=1e-5)
+    changed[:, 0] += 1.0  # a real token does matter
+    assert not torch.allclose(model(x, t, context=changed, context_mask=mask), base, atol=1e-4)
+
+
+def test_cross_attention_maps():
+    model = randomise(UNet(context_dim=6, **TINY))
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([100, 200])
+    context, mask = text_inputs()
+    maps = model.cross_attention_maps(x, t, context, mask)
+    # one SpatialTransformer per block at level 1 (1 down + 2 up) and one in the middle
+    assert len(maps) == 4
+    assert [m.shape for m in maps] == [(2, 2, 64, 5), (2, 2, 16, 5), (2, 2, 64, 5), (2, 2, 64, 5)]
+    for m in maps:
+        torch.testing.assert_close(m.sum(dim=-1), torch.ones(m.shape[:-1]))
+        assert torch.all(m[..., -2:] == 0)  # padded tokens get no weight
+    assert all(not s.keep_attention and s.attention is None
+               for s in model.modules() if isinstance(s, SpatialTransformer))
+
+
+def test_keeping_attention_does_not_change_spatial_transformer_output():
+    torch.manual_seed(0)
+    block = randomise(SpatialTransformer(8, num_heads=2, context_dim=6, groups=4))
+    x = torch.randn(2, 8, 4, 4)
+    context, mask = text_inputs()
+    plain = block(x, context, mask)
+    block.keep_attention = True
+    torch.testing.assert_close(block(x, context, mask), plain)
+    assert block.attention.shape == (2, 2, 16, 5)
+
+
+def test_resblock_without_embedding():
+    x = torch.randn(2, 4, 8, 8)
+    block = ResBlock(4, 8, emb_dim=None, groups=4)
+    assert block(x).shape == (2, 8, 8, 8)
+    same = ResBlock(4, groups=4)
+    torch.testing.assert_close(same(x), x)  # zero-initialised last conv: a new block is its skip path
+    with pytest.raises(ValueError, match="emb_dim=None"):
+        block(x, torch.randn(2, 16))
+    with pytest.raises(ValueError, match="pass emb"):
+        ResBlock(4, 8, emb_dim=16, groups=4)(x)
+
+
+def test_clear_errors():
+    plain = UNet(**TINY)
+    x, t = torch.randn(2, 1, 16, 16), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match="3 channels.*in_channels=1"):
+        plain(torch.randn(2, 3, 16, 16), t)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        plain(torch.randn(2, 1, 18, 16), t)
+    with pytest.raises(ValueError, match="multiples of 4"):
+        plain(torch.randn(2, 1, 16, 30), t)
+    with pytest.raises(ValueError, match="shape \\(B,\\)"):
+        plain(x, torch.tensor([1, 2, 3]))
+    with pytest.raises(ValueError, match="not class-conditional"):
+        plain(x, t, y=torch.tensor([0, 1]))
+    with pytest.raises(ValueError, match="no cross-attention"):
+        plain(x, t, context=torch.randn(2, 3, 6))
+    labelled = UNet(num_classes=3, **TINY)
+    with pytest.raises(ValueError, match="class-conditional: pass y"):
+        labelled(x, t)
+    with pytest.raises(ValueError, match="0..3"):
+        labelled(x, t, y=torch.tensor([0, 4]))
+    texted = UNet(context_dim=6, **TINY)
+    with pytest.raises(ValueError, match="text-conditional: pass context"):
+        texted(x, t)
+    with pytest.raises(ValueError, match="context_dim"):
+        texted(x, t, context=torch.randn(2, 3, 5))
+    with pytest.raises(ValueError, match="at least one True"):
+        texted(x, t, context=torch.randn(2, 3, 6), context_mask=torch.zeros(2, 3, dtype=torch.bool))
+    with pytest.raises(ValueError, match="needs a text-conditional"):
+        plain.cross_attention_maps(x, t, torch.randn(2, 3, 6))
+    with pytest.raises(ValueError, match="attention_resolutions"):
+        UNet(**dict(TINY, attention_resolutions=(3,)))
+
+
+def test_config_rebuilds_the_model():
+    model = UNet(num_classes=5, context_dim=6, **TINY)
+    config = json.loads(json.dumps(model.config))
+    rebuilt = UNet(**config)
+    rebuilt.load_state_dict(model.state_dict())  # same parameter names and shapes
+    assert sum(p.numel() for p in rebuilt.parameters()) == sum(p.numel() for p in model.parameters())
+
+
+def test_runs_under_bfloat16_autocast():
+    model = randomise(UNet(context_dim=6, **TINY))
+    context, mask = text_inputs()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(torch.randn(2, 1, 16, 16), torch.tensor([1, 2]), context=context, context_mask=mask)
+    assert out.shape == (2, 1, 16, 16) and torch.isfinite(out).all()
+
+
+def test_text_encoder_trains_jointly_through_cross_attention():
+    tokenizer = Tokenizer(["red", "blue", "circle"], max_length=4)
+    encoder = TextEncoder(tokenizer.vocab_size, tokenizer.max_length, dim=8, depth=1, num_heads=2)
+    model = randomise(UNet(context_dim=8, **TINY))
+    ids, mask = tokenizer.encode(["red circle", "blue"])
+    tokens, mask, _ = encoder(ids, mask)
+    out = model(torch.randn(2, 1, 16, 16), torch.tensor([5, 5]), context=tokens, context_mask=mask)
+    out.square().mean().backward()
+    assert encoder.token_embed.weight.grad.abs().sum() > 0
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    model = UNet(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, attention_resolutions=(1,), num_heads=2,
+                 groups=4)
+    x0 = torch.rand(4, 1, 16, 16) * 2 - 1
+    noise = torch.randn_like(x0)
+    t = torch.full((4,), 500)
+    x_t = 0.5**0.5 * x0 + 0.5**0.5 * noise  # a fixed noisy batch at alpha_bar = 0.5
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(100):
+        loss = (model(x_t, t) - noise).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.1 * losses[0]

@@ -1,0 +1,303 @@
+"""The U-Net denoiser of DDPM and Stable Diffusion (chapter 05): ResBlocks, skips and cross-attention.
+
+Shapes: B batch, C channels, H/W feature-map height/width, E time-embedding width, M context
+tokens, D_ctx context width. Resolution *levels* count the halvings: level 0 is the input size,
+level i is H / 2**i. The down path halves the size between levels, the up path doubles it back,
+and every down-path activation is handed across to the up path as a skip connection.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from torch import nn
+
+from .layers import TimestepEmbedder, TransformerBlock
+
+
+def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
+    """GroupNorm with the largest group count <= `groups` that divides `channels`."""
+    groups = max(1, min(groups, channels))
+    while channels % groups:
+        groups -= 1
+    return nn.GroupNorm(groups, channels, eps=1e-6)
+
+
+def zero_init(module: nn.Module) -> nn.Module:
+    """Set every parameter of `module` to zero and return it (the layer starts as "add nothing")."""
+    for p in module.parameters():
+        nn.init.zeros_(p)
+    return module
+
+
+class ResBlock(nn.Module):
+    """Residual block: (GroupNorm -> SiLU -> conv) twice, optionally conditioned on an embedding.
+
+    With emb_dim set, the embedding (B, E) scales and shifts the second normalisation (FiLM):
+    h = norm(h) * (1 + scale) + shift. With emb_dim=None it is a plain residual block (the VAE's).
+    The last conv starts at zero, so a new block is its skip path: identity, or a 1×1 conv when
+    the channel count changes.
+    """
+
+    def __init__(self, in_ch: int, out_ch: int | None = None, emb_dim: int | None = None, dropout: float = 0.0,
+                 groups: int = 32):
+        super().__init__()
+        out_ch = out_ch or in_ch
+        self.norm1 = group_norm(in_ch, groups)
+        self.conv1 = nn.Conv2d(in_ch, out_ch, 3, padding=1)
+        self.emb_proj = nn.Linear(emb_dim, 2 * out_ch) if emb_dim is not None else None
+        self.norm2 = group_norm(out_ch, groups)
+        self.dropout = nn.Dropout(dropout)
+        self.conv2 = zero_init(nn.Conv2d(out_ch, out_ch, 3, padding=1))
+        self.skip = nn.Conv2d(in_ch, out_ch, 1) if in_ch != out_ch else nn.Identity()
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, in_ch, H, W), emb (B, E) or None -> (B, out_ch, H, W)."""
+        h = self.conv1(F.silu(self.norm1(x)))  # (B, out_ch, H, W)
+        h = self.norm2(h)
+        if self.emb_proj is not None:
+            if emb is None:
+                raise ValueError("this ResBlock was built with emb_dim: pass emb=(B, emb_dim)")
+            scale, shift = self.emb_proj(F.silu(emb))[:, :, None, None].chunk(2, dim=1)  # (B, out_ch, 1, 1) each
+            h = h * (1 + scale) + shift
+        elif emb is not None:
+            raise ValueError("emb was given but this ResBlock was built with emb_dim=None")
+        h = self.conv2(self.dropout(F.silu(h)))
+        return self.skip(x) + h
+
+
+class Downsample(nn.Module):
+    """Halve the height and width with a stride-2 3×3 conv: (B, C, H, W) -> (B, C, H/2, W/2)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, stride=2, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(x)
+
+
+class Upsample(nn.Module):
+    """Double the height and width (nearest neighbour), then a 3×3 conv: (B, C, H, W) -> (B, C, 2H, 2W)."""
+
+    def __init__(self, channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(channels, channels, 3, padding=1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.conv(F.interpolate(x, scale_factor=2.0, mode="nearest"))
+
+
+class SpatialTransformer(nn.Module):
+    """A transformer block over the pixels of a feature map, as in Stable Diffusion's U-Net.
+
+    GroupNorm -> 1×1 conv -> tokens (B, HW, C) -> self-attention [+ cross-attention to `context`]
+    + MLP -> back to (B, C, H, W) -> zero-initialised 1×1 conv, added to the input. With
+    `keep_attention = True` the cross-attention weights of the last call are kept in `attention`.
+    """
+
+    def __init__(self, channels: int, num_heads: int, context_dim: int | None = None, groups: int = 32):
+        super().__init__()
+        self.norm = group_norm(channels, groups)
+        self.proj_in = nn.Conv2d(channels, channels, 1)
+        self.block = TransformerBlock(channels, num_heads, context_dim=context_dim)
+        self.proj_out = zero_init(nn.Conv2d(channels, channels, 1))
+        self.keep_attention = False
+        self.attention: torch.Tensor | None = None  # (B, heads, HW, M) after a call with keep_attention
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W), context (B, M, D_ctx), context_mask (B, M) bool -> (B, C, H, W)."""
+        _, _, height, width = x.shape
+        tokens = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")  # (B, HW, C)
+        block = self.block
+        if self.keep_attention and block.cross_attn is not None:
+            # The same computation as block(...), written out to read the cross-attention weights.
+            tokens = tokens + block.attn(block.norm1(tokens))
+            h, self.attention = block.cross_attn(block.norm_cross(tokens), context=context, mask=context_mask,
+                                                 return_attn=True)  # (B, HW, C), (B, heads, HW, M)
+            tokens = tokens + h
+            tokens = tokens + block.mlp(block.norm2(tokens))
+        else:
+            tokens = block(tokens, context=context, context_mask=context_mask)
+        h = rearrange(tokens, "b (h w) c -> b c h w", h=height, w=width)
+        return x + self.proj_out(h)
+
+
+class ConditionedSequential(nn.Sequential):
+    """Layers run in order; ResBlocks also get the embedding, SpatialTransformers the context."""
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: torch.Tensor | None = None,
+                context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W), emb (B, E), context (B, M, D_ctx) -> (B, C', H', W')."""
+        for layer in self:
+            if isinstance(layer, ResBlock):
+                x = layer(x, emb)
+            elif isinstance(layer, SpatialTransformer):
+                x = layer(x, context, context_mask)
+            else:
+                x = layer(x)
+        return x
+
+
+class UNet(nn.Module):
+    """DDPM / Stable Diffusion U-Net: model(x, t, y=None, context=None, context_mask=None) -> (B, C_out, H, W).
+
+    channel_mult[i] * base_channels is the width at level i; each level has num_res_blocks
+    ResBlocks on the way down and num_res_blocks + 1 on the way up (one per skip).
+    attention_resolutions lists the *levels* (0 = full size, i = size / 2**i) whose blocks are
+    followed by a SpatialTransformer; the middle block always has one. Conditioning: the timestep
+    embedding, plus a class embedding when num_classes is set (label num_classes is the "null"
+    label for classifier-free guidance), plus cross-attention to text tokens when context_dim is set.
+    The output conv starts at zero, so an untrained model predicts 0.
+    """
+
+    def __init__(self, in_channels: int = 1, out_channels: int | None = None, base_channels: int = 64,
+                 channel_mult: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 2,
+                 attention_resolutions: tuple[int, ...] = (2,), num_heads: int = 4, num_classes: int | None = None,
+                 context_dim: int | None = None, dropout: float = 0.0, groups: int = 32):
+        super().__init__()
+        channel_mult, attention_resolutions = tuple(channel_mult), tuple(attention_resolutions)
+        if not channel_mult or any(not isinstance(m, int) or m <= 0 for m in channel_mult):
+            raise ValueError(f"channel_mult must be a non-empty tuple of positive ints, got {channel_mult}")
+        levels = len(channel_mult)
+        if any(level not in range(levels) for level in attention_resolutions):
+            raise ValueError(f"attention_resolutions={attention_resolutions} must hold levels in 0..{levels - 1} "
+                             f"(level i is the input size / 2**i; there are len(channel_mult)={levels} levels)")
+        if num_classes is not None and (not isinstance(num_classes, int) or num_classes <= 0):
+            raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+        out_channels = out_channels or in_channels
+        self.in_channels, self.out_channels = in_channels, out_channels
+        self.num_classes, self.context_dim = num_classes, context_dim
+        self.size_divisor = 2 ** (levels - 1)  # H and W must be multiples of this
+        self.config = dict(in_channels=in_channels, out_channels=out_channels, base_channels=base_channels,
+                           channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
+                           attention_resolutions=list(attention_resolutions), num_heads=num_heads,
+                           num_classes=num_classes, context_dim=context_dim, dropout=dropout, groups=groups)
+
+        emb_dim = 4 * base_channels
+        self.time_embed = TimestepEmbedder(emb_dim)
+        self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
+
+        def res_block(ch_in: int, ch_out: int) -> ResBlock:
+            return ResBlock(ch_in, ch_out, emb_dim, dropout, groups)
+
+        def transformer(ch: int) -> SpatialTransformer:
+            return SpatialTransformer(ch, num_heads, context_dim, groups)
+
+        # Down path: every block's output is kept as a skip for the up path.
+        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        ch, skip_channels = base_channels, [base_channels]
+        self.down = nn.ModuleList()
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers = [res_block(ch, mult * base_channels)]
+                ch = mult * base_channels
+                if level in attention_resolutions:
+                    layers.append(transformer(ch))
+                self.down.append(ConditionedSequential(*layers))
+                skip_channels.append(ch)
+            if level != levels - 1:
+                self.down.append(ConditionedSequential(Downsample(ch)))
+                skip_channels.append(ch)
+
+        self.middle = ConditionedSequential(res_block(ch, ch), transformer(ch), res_block(ch, ch))
+
+        # Up path: each block first concatenates one skip (last in, first out).
+        self.up = nn.ModuleList()
+        for level, mult in reversed(list(enumerate(channel_mult))):
+            for i in range(num_res_blocks + 1):
+                layers = [res_block(ch + skip_channels.pop(), mult * base_channels)]
+                ch = mult * base_channels
+                if level in attention_resolutions:
+                    layers.append(transformer(ch))
+                if level != 0 and i == num_res_blocks:
+                    layers.append(Upsample(ch))
+                self.up.append(ConditionedSequential(*layers))
+
+        self.out = nn.Sequential(group_norm(ch, groups), nn.SiLU(),
+                                 zero_init(nn.Conv2d(ch, out_channels, 3, padding=1)))
+
+    def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
+                      context: torch.Tensor | None, context_mask: torch.Tensor | None) -> torch.Tensor:
+        """Raise a clear error for inputs this model cannot take; return t as a (B,) tensor."""
+        if x.ndim != 4:
+            raise ValueError(f"x must be images (B, C, H, W), got shape {tuple(x.shape)}")
+        b, c, h, w = x.shape
+        if c != self.in_channels:
+            raise ValueError(f"x has {c} channels, but this UNet was built with in_channels={self.in_channels}")
+        if h % self.size_divisor or w % self.size_divisor:
+            raise ValueError(f"x is {h}x{w}, but with len(channel_mult)={len(self.config['channel_mult'])} levels "
+                             f"H and W must be multiples of {self.size_divisor}; pad or resize the images, "
+                             "or use fewer levels")
+        t = torch.as_tensor(t, device=x.device)
+        if t.ndim == 0:
+            t = t.expand(b)
+        if t.shape != (b,):
+            raise ValueError(f"t must be a scalar or have shape (B,)=({b},), got shape {tuple(t.shape)}")
+        if self.num_classes is None and y is not None:
+            raise ValueError("y was given but this UNet is not class-conditional (num_classes=None)")
+        if self.num_classes is not None:
+            if y is None:
+                raise ValueError(f"this UNet is class-conditional: pass y=(B,) labels in 0..{self.num_classes} "
+                                 f"({self.num_classes} is the null label for unconditional predictions)")
+            if y.shape != (b,) or y.dtype not in (torch.int32, torch.int64):
+                raise ValueError(f"y must be integer labels of shape ({b},), got {y.dtype} {tuple(y.shape)}")
+            if y.min() < 0 or y.max() > self.num_classes:
+                raise ValueError(f"y must lie in 0..{self.num_classes} (num_classes={self.num_classes} is the "
+                                 f"null label), got values in {int(y.min())}..{int(y.max())}")
+        if self.context_dim is None and (context is not None or context_mask is not None):
+            raise ValueError("context was given but this UNet has no cross-attention (context_dim=None)")
+        if self.context_dim is not None:
+            if context is None:
+                raise ValueError(f"this UNet is text-conditional: pass context=(B, M, {self.context_dim}) "
+                                 "(the encoded empty caption for unconditional predictions)")
+            if context.ndim != 3 or context.shape[0] != b or context.shape[2] != self.context_dim:
+                raise ValueError(f"context must have shape (B, M, context_dim)=({b}, M, {self.context_dim}), "
+                                 f"got {tuple(context.shape)}")
+            if context_mask is not None:
+                if context_mask.dtype != torch.bool or context_mask.shape != context.shape[:2]:
+                    raise ValueError(f"context_mask must be bool of shape {tuple(context.shape[:2])} "
+                                     f"(True = real token), got {context_mask.dtype} {tuple(context_mask.shape)}")
+                if not context_mask.any(dim=1).all():
+                    raise ValueError("every row of context_mask needs at least one True (real) token")
+        return t
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W), t (B,), y (B,), context (B, M, D_ctx), context_mask (B, M) -> (B, C_out, H, W)."""
+        t = self._check_inputs(x, t, y, context, context_mask)
+        emb = self.time_embed(t)  # (B, E)
+        if self.label_embed is not None:
+            emb = emb + self.label_embed(y)
+
+        h = self.conv_in(x)  # (B, base_channels, H, W)
+        skips = [h]
+        for block in self.down:
+            h = block(h, emb, context, context_mask)
+            skips.append(h)
+        h = self.middle(h, emb, context, context_mask)  # (B, C_deepest, H / 2**(levels-1), ...)
+        for block in self.up:
+            h = block(torch.cat([h, skips.pop()], dim=1), emb, context, context_mask)
+        return self.out(h)  # (B, C_out, H, W)
+
+    @torch.no_grad()
+    def cross_attention_maps(self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                             context_mask: torch.Tensor | None = None, **cond) -> list[torch.Tensor]:
+        """Cross-attention weights of every SpatialTransformer, in the order they run (down, middle, up).
+
+        Each is (B, heads, HW, M) for that block's feature map of H×W pixels: how much each pixel
+        reads from each context token. Rows sum to one; padded tokens get zero weight.
+        """
+        if self.context_dim is None:
+            raise ValueError("cross_attention_maps needs a text-conditional UNet (context_dim set)")
+        transformers = [m for m in self.modules() if isinstance(m, SpatialTransformer)]
+        for m in transformers:
+            m.keep_attention = True
+        try:
+            self(x, t, context=context, context_mask=context_mask, **cond)
+            return [m.attention for m in transformers]
+        finally:
+            for m in transformers:
+                m.keep_attention, m.attention = False, None
