@@ -197,6 +197,8 @@ class Shapes(Dataset):
     def __init__(self, size: int = 10_000, img_size: int = 32, seed: int = 0, max_objects: int = 1):
         if not isinstance(size, int) or size <= 0:
             raise ValueError(f"size must be a positive int, got {size!r}")
+        if not isinstance(seed, int) or seed < 0:
+            raise ValueError(f"seed must be a non-negative int, got {seed!r}")
         if max_objects not in (1, 2):
             raise ValueError(f"max_objects must be 1 or 2, got {max_objects!r}")
         self.size, self.img_size, self.seed, self.max_objects = size, img_size, seed, max_objects
@@ -225,5 +227,7 @@ class Shapes(Dataset):
 
     def tensors(self, limit: int | None = None) -> tuple[torch.Tensor, list[str], torch.Tensor]:
         """The first `limit` items (all by default) stacked: images (N, 3, H, W), captions, labels (N, K, 3)."""
-        items = [self[i] for i in range(min(limit or self.size, self.size))]
+        if limit is not None and (not isinstance(limit, int) or limit <= 0):
+            raise ValueError(f"limit must be a positive int or None, got {limit!r}")
+        items = [self[i] for i in range(self.size if limit is None else min(limit, self.size))]
         return torch.stack([x for x, _, _ in items]), [c for _, c, _ in items], torch.stack([y for _, _, y in items])

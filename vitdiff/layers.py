@@ -31,6 +31,8 @@ class PatchEmbed(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  bias: bool = True):
         super().__init__()
+        if not isinstance(patch_size, int) or patch_size <= 0:
+            raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
         _check_divisible("img_size", img_size, "patch_size", patch_size)
         self.img_size = img_size
         self.patch_size = patch_size
@@ -104,7 +106,7 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = Fa
 # ----------------------------------------------------------------------------- attention (chapter 02)
 
 
-def _expand_mask(mask: torch.Tensor | None, batch: int, n_q: int, n_k: int) -> torch.Tensor | None:
+def _expand_mask(mask: torch.Tensor | None, batch: int, heads: int, n_q: int, n_k: int) -> torch.Tensor | None:
     """Bring a boolean "may attend" mask (True = attend) to a shape that broadcasts to (B, h, Nq, Nk).
 
     Accepted: (B, Nk) key padding; (B or 1, Nq, Nk); (B or 1, h or 1, Nq, Nk).
@@ -118,10 +120,10 @@ def _expand_mask(mask: torch.Tensor | None, batch: int, n_q: int, n_k: int) -> t
         return mask[:, None, None, :]  # key padding -> (B, 1, 1, Nk)
     if mask.ndim == 3 and shape[0] in (1, batch) and shape[1:] == (n_q, n_k):
         return mask[:, None]  # (B, 1, Nq, Nk)
-    if mask.ndim == 4 and shape[0] in (1, batch) and shape[2:] == (n_q, n_k):
+    if mask.ndim == 4 and shape[0] in (1, batch) and shape[1] in (1, heads) and shape[2:] == (n_q, n_k):
         return mask
     raise ValueError(
-        f"mask has shape {shape}, which does not fit batch={batch}, queries={n_q}, keys={n_k}; "
+        f"mask has shape {shape}, which does not fit batch={batch}, heads={heads}, queries={n_q}, keys={n_k}; "
         "expected (B, Nk) key padding, (B or 1, Nq, Nk) or (B or 1, h or 1, Nq, Nk)"
     )
 
@@ -138,6 +140,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Ten
     if mask is not None:
         scores = scores.masked_fill(~mask, float("-inf"))
     weights = scores.softmax(dim=-1)  # each row sums to 1
+    if mask is not None:
+        weights = weights.masked_fill(~mask, 0.0)  # a query with every key masked attends to nothing (not NaN)
     out = weights @ v  # (..., Nq, d)
     return (out, weights) if return_attn else out
 
@@ -176,7 +180,7 @@ class Attention(nn.Module):
         q = rearrange(self.q(x), "b n (h d) -> b h n d", h=self.num_heads)  # (B, h, N, d)
         k, v = rearrange(self.kv(source), "b m (two h d) -> two b h m d", two=2, h=self.num_heads)  # (B, h, M, d)
         q, k = self.q_norm(q), self.k_norm(k)
-        mask = _expand_mask(mask, b, n, k.shape[-2])
+        mask = _expand_mask(mask, b, self.num_heads, n, k.shape[-2])
         if return_attn or not self.fused:
             out, weights = attention(q, k, v, mask=mask, return_attn=True)
         else:
@@ -223,19 +227,27 @@ class TransformerBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, mask: torch.Tensor | None = None, context: torch.Tensor | None = None,
                 context_mask: torch.Tensor | None = None,
-                return_attn: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
-        """x (B, N, D) -> (B, N, D); with return_attn also the self-attention weights (B, h, N, N)."""
-        h, weights = self.attn(self.norm1(x), mask=mask, return_attn=True) if return_attn else (
-            self.attn(self.norm1(x), mask=mask), None)
+                return_attn: bool = False) -> torch.Tensor | tuple[torch.Tensor, dict[str, torch.Tensor | None]]:
+        """x (B, N, D) -> (B, N, D); with return_attn also {"self": (B, h, N, N), "cross": (B, h, N, M) or None}."""
+        maps: dict[str, torch.Tensor | None] = {"self": None, "cross": None}
+        if return_attn:
+            h, maps["self"] = self.attn(self.norm1(x), mask=mask, return_attn=True)
+        else:
+            h = self.attn(self.norm1(x), mask=mask)
         x = x + h
         if self.cross_attn is not None:
             if context is None:
                 raise ValueError("this TransformerBlock has cross-attention: pass context=(B, M, context_dim)")
-            x = x + self.cross_attn(self.norm_cross(x), context=context, mask=context_mask)
+            if return_attn:
+                h, maps["cross"] = self.cross_attn(self.norm_cross(x), context=context, mask=context_mask,
+                                                   return_attn=True)
+            else:
+                h = self.cross_attn(self.norm_cross(x), context=context, mask=context_mask)
+            x = x + h
         elif context is not None:
             raise ValueError("context was given but this TransformerBlock was built without context_dim")
         x = x + self.mlp(self.norm2(x))
-        return (x, weights) if return_attn else x
+        return (x, maps) if return_attn else x
 
 
 # ----------------------------------------------------------------------------- timesteps (chapters 04–09)

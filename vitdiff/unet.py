@@ -111,16 +111,11 @@ class SpatialTransformer(nn.Module):
         """x (B, C, H, W), context (B, M, D_ctx), context_mask (B, M) bool -> (B, C, H, W)."""
         _, _, height, width = x.shape
         tokens = rearrange(self.proj_in(self.norm(x)), "b c h w -> b (h w) c")  # (B, HW, C)
-        block = self.block
-        if self.keep_attention and block.cross_attn is not None:
-            # The same computation as block(...), written out to read the cross-attention weights.
-            tokens = tokens + block.attn(block.norm1(tokens))
-            h, self.attention = block.cross_attn(block.norm_cross(tokens), context=context, mask=context_mask,
-                                                 return_attn=True)  # (B, HW, C), (B, heads, HW, M)
-            tokens = tokens + h
-            tokens = tokens + block.mlp(block.norm2(tokens))
+        if self.keep_attention:
+            tokens, maps = self.block(tokens, context=context, context_mask=context_mask, return_attn=True)
+            self.attention = maps["cross"]  # (B, heads, HW, M), or None without cross-attention
         else:
-            tokens = block(tokens, context=context, context_mask=context_mask)
+            tokens = self.block(tokens, context=context, context_mask=context_mask)
         h = rearrange(tokens, "b (h w) c -> b c h w", h=height, w=width)
         return x + self.proj_out(h)
 

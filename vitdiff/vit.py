@@ -89,7 +89,7 @@ class ViT(nn.Module):
         maps = []
         for block in self.blocks:
             x, weights = block(x, return_attn=True)
-            maps.append(weights)
+            maps.append(weights["self"])
         return maps
 
 
