@@ -1,0 +1,449 @@
+"""Gaussian diffusion (chapter 04): noise schedules, the forward process, the denoising loss, DDPM and DDIM
+samplers with inpainting and image-to-image, and classifier-free guidance.
+
+Notation (Ho et al. 2020, Song et al. 2021): β_t is the variance of the noise added at step t, α_t = 1 - β_t,
+ᾱ_t = α_0 α_1 … α_t. Timesteps are 0-indexed, t = 0 … T-1 as in diffusers, and ᾱ_{-1} = 1 means "clean".
+Shapes: x (B, ...) a batch of any tensors (images (B, C, H, W), latents, ...), t (B,) integer timesteps.
+
+A denoiser is any callable `model(x, t, **cond) -> tensor shaped like x`; `prediction` says what it predicts:
+"epsilon" the noise ε, "x0" the clean sample, "v" the velocity v = sqrt(ᾱ_t) ε - sqrt(1-ᾱ_t) x0.
+The samplers work on the device of the schedule: call `schedule.to(device)` once, like the model.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+Denoiser = Callable[..., torch.Tensor]
+
+SCHEDULES = ("linear", "cosine")
+PREDICTIONS = ("epsilon", "x0", "v")
+VARIANCES = ("small", "large")
+SPACINGS = ("leading", "trailing", "linspace")
+
+
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ValueError(f"{name} must be one of {choices}, got {value!r}")
+
+
+def _check_same_shape(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
+    if x.shape != ref.shape:
+        raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}")
+
+
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device,
+           dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """N(0, I) noise drawn with `generator` on the generator's device, then moved to `device` (as diffusers)."""
+    draw_device = generator.device if generator is not None else device
+    return torch.randn(shape, generator=generator, device=draw_device, dtype=dtype).to(device)
+
+
+# ----------------------------------------------------------------------------- noise schedules
+
+
+def linear_betas(num_timesteps: int, beta_start: float = 1e-4, beta_end: float = 0.02) -> torch.Tensor:
+    """β_t evenly spaced from beta_start to beta_end (Ho et al. 2020), float64 (T,)."""
+    return torch.linspace(beta_start, beta_end, num_timesteps, dtype=torch.float64)
+
+
+def cosine_betas(num_timesteps: int, s: float = 0.008, max_beta: float = 0.999) -> torch.Tensor:
+    """Betas of the cosine schedule ᾱ(u) ∝ cos²((u + s)/(1 + s) · π/2) (Nichol & Dhariwal 2021), float64 (T,)."""
+    def alpha_bar(u: float) -> float:
+        return math.cos((u + s) / (1 + s) * math.pi / 2) ** 2
+
+    # β_t = 1 - ᾱ((t+1)/T) / ᾱ(t/T), clipped so the last steps do not destroy everything at once
+    betas = [min(1 - alpha_bar((t + 1) / num_timesteps) / alpha_bar(t / num_timesteps), max_beta)
+             for t in range(num_timesteps)]
+    return torch.tensor(betas, dtype=torch.float64)
+
+
+class NoiseSchedule(nn.Module):
+    """The forward process q(x_t | x0) = N(sqrt(ᾱ_t) x0, (1-ᾱ_t) I), its posterior and the ε/x0/v conversions.
+
+    All tables are computed in float64 and stored as float32 buffers (T,), so `.to(device)` moves them.
+    schedule="linear" equals diffusers' "linear", "cosine" its "squaredcos_cap_v2" (beta_start/end unused).
+    """
+
+    def __init__(self, num_timesteps: int = 1000, schedule: str = "linear", beta_start: float = 1e-4,
+                 beta_end: float = 0.02):
+        super().__init__()
+        if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 2:
+            raise ValueError(f"num_timesteps must be an int >= 2, got {num_timesteps!r}")
+        _check_choice("schedule", schedule, SCHEDULES)
+        for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
+            if not 0 < value < 1:
+                raise ValueError(f"{name} must lie in (0, 1), got {value!r}")
+        self.num_timesteps = num_timesteps
+        self.config = dict(num_timesteps=num_timesteps, schedule=schedule, beta_start=beta_start,
+                           beta_end=beta_end)
+
+        betas = linear_betas(num_timesteps, beta_start, beta_end) if schedule == "linear" \
+            else cosine_betas(num_timesteps)
+        alphas = 1 - betas
+        alphas_cumprod = torch.cumprod(alphas, dim=0)  # ᾱ_t
+        alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])  # ᾱ_{t-1}
+        # posterior q(x_{t-1} | x_t, x0) = N(coef1 x0 + coef2 x_t, β̃_t)   (Ho et al. eq. 6-7)
+        posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)  # β̃_t, 0 at t = 0
+        tables = dict(
+            betas=betas,
+            alphas=alphas,
+            alphas_cumprod=alphas_cumprod,
+            alphas_cumprod_prev=alphas_cumprod_prev,
+            sqrt_alphas_cumprod=alphas_cumprod.sqrt(),
+            sqrt_one_minus_alphas_cumprod=(1 - alphas_cumprod).sqrt(),
+            posterior_variance=posterior_variance,
+            # log β̃_t with β̃_0 = 0 replaced by β̃_1, so the log stays finite
+            posterior_log_variance_clipped=torch.cat([posterior_variance[1:2], posterior_variance[1:]]).log(),
+            posterior_mean_coef1=betas * alphas_cumprod_prev.sqrt() / (1 - alphas_cumprod),
+            posterior_mean_coef2=(1 - alphas_cumprod_prev) * alphas.sqrt() / (1 - alphas_cumprod),
+        )
+        for name, table in tables.items():
+            self.register_buffer(name, table.float(), persistent=False)
+        # ᾱ in float64 for the scalar coefficients of a DDIM jump: 1 - ᾱ and 1 - ᾱ_t/ᾱ_prev cancel in float32
+        self.alphas_cumprod_float64 = alphas_cumprod.tolist()
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.config.items())
+
+    def check_timesteps(self, t: int | torch.Tensor, batch_size: int | None = None) -> torch.Tensor:
+        """Validate timesteps (an int, or an integer tensor () or (B,)) and return them as an int64 tensor."""
+        if isinstance(t, bool) or not isinstance(t, (int, torch.Tensor)):
+            raise TypeError(f"t must be an int or an integer tensor of timesteps, got {type(t).__name__}")
+        t = torch.as_tensor(t)
+        if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
+            raise TypeError(f"t must hold integer timesteps, got dtype {t.dtype}")
+        if t.ndim > 1 or (t.ndim == 1 and batch_size is not None and t.shape[0] not in (1, batch_size)):
+            raise ValueError(f"t must have shape () or ({batch_size},), got {tuple(t.shape)}")
+        if t.numel() > 0 and (t.min() < 0 or t.max() >= self.num_timesteps):
+            raise ValueError(f"t must lie in [0, {self.num_timesteps - 1}], "
+                             f"got values in [{int(t.min())}, {int(t.max())}]")
+        return t.long()
+
+    def _at(self, table: torch.Tensor, t: int | torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """table[t] reshaped to (B, 1, ..., 1) in x's dtype and device, to broadcast against x (B, ...)."""
+        t = self.check_timesteps(t, x.shape[0])
+        values = table[t.to(table.device)].to(device=x.device, dtype=x.dtype)
+        return values.reshape(-1, *([1] * (x.ndim - 1)))
+
+    def _scales(self, t: int | torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sqrt(ᾱ_t), sqrt(1-ᾱ_t)), each (B, 1, ..., 1): the signal and noise scales of x_t."""
+        return self._at(self.sqrt_alphas_cumprod, t, x), self._at(self.sqrt_one_minus_alphas_cumprod, t, x)
+
+    def q_sample(self, x0: torch.Tensor, t: int | torch.Tensor, noise: torch.Tensor | None = None, *,
+                 generator: torch.Generator | None = None) -> torch.Tensor:
+        """Noise clean data to step t in one jump: x_t = sqrt(ᾱ_t) x0 + sqrt(1-ᾱ_t) ε, ε ~ N(0, I)."""
+        if noise is None:
+            noise = _randn(tuple(x0.shape), generator, x0.device, x0.dtype)
+        _check_same_shape("noise", noise, "x0", x0)
+        a, s = self._scales(t, x0)
+        return a * x0 + s * noise
+
+    def snr(self, t: int | torch.Tensor) -> torch.Tensor:
+        """Signal-to-noise ratio ᾱ_t / (1-ᾱ_t), shaped like t."""
+        t = self.check_timesteps(t).to(self.betas.device)
+        return (self.sqrt_alphas_cumprod[t] / self.sqrt_one_minus_alphas_cumprod[t]) ** 2
+
+    def q_posterior(self, x0: torch.Tensor, x_t: torch.Tensor, t: int | torch.Tensor
+                    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q(x_{t-1} | x_t, x0): (mean (B, ...), variance β̃_t (B, 1, ...), clipped log-variance (B, 1, ...))."""
+        _check_same_shape("x0", x0, "x_t", x_t)
+        mean = self._at(self.posterior_mean_coef1, t, x_t) * x0 + self._at(self.posterior_mean_coef2, t, x_t) * x_t
+        return (mean, self._at(self.posterior_variance, t, x_t),
+                self._at(self.posterior_log_variance_clipped, t, x_t))
+
+    def predict_x0(self, x_t: torch.Tensor, t: int | torch.Tensor, model_output: torch.Tensor,
+                   prediction: str = "epsilon") -> torch.Tensor:
+        """The clean sample x0 implied by a model output (ε, x0 or v) at x_t."""
+        _check_choice("prediction", prediction, PREDICTIONS)
+        _check_same_shape("model_output", model_output, "x_t", x_t)
+        a, s = self._scales(t, x_t)
+        if prediction == "epsilon":
+            return (x_t - s * model_output) / a  # x0 = (x_t - sqrt(1-ᾱ) ε) / sqrt(ᾱ)
+        if prediction == "v":
+            return a * x_t - s * model_output  # x0 = sqrt(ᾱ) x_t - sqrt(1-ᾱ) v
+        return model_output
+
+    def predict_eps(self, x_t: torch.Tensor, t: int | torch.Tensor, model_output: torch.Tensor,
+                    prediction: str = "epsilon") -> torch.Tensor:
+        """The noise ε implied by a model output (ε, x0 or v) at x_t."""
+        _check_choice("prediction", prediction, PREDICTIONS)
+        _check_same_shape("model_output", model_output, "x_t", x_t)
+        a, s = self._scales(t, x_t)
+        if prediction == "x0":
+            return (x_t - a * model_output) / s  # ε = (x_t - sqrt(ᾱ) x0) / sqrt(1-ᾱ)
+        if prediction == "v":
+            return a * model_output + s * x_t  # ε = sqrt(ᾱ) v + sqrt(1-ᾱ) x_t
+        return model_output
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, t: int | torch.Tensor,
+               prediction: str = "epsilon") -> torch.Tensor:
+        """What a denoiser should output for x_t = q_sample(x0, t, noise): ε, x0 or v."""
+        _check_choice("prediction", prediction, PREDICTIONS)
+        _check_same_shape("noise", noise, "x0", x0)
+        if prediction == "epsilon":
+            return noise
+        if prediction == "x0":
+            return x0
+        a, s = self._scales(t, x0)
+        return a * noise - s * x0  # v = sqrt(ᾱ) ε - sqrt(1-ᾱ) x0
+
+
+# ----------------------------------------------------------------------------- training objective
+
+
+def diffusion_loss(model: Denoiser, schedule: NoiseSchedule, x0: torch.Tensor, prediction: str = "epsilon",
+                   t: torch.Tensor | None = None, noise: torch.Tensor | None = None, **cond) -> torch.Tensor:
+    """Denoising loss: E_{t, ε} ||model(x_t, t) - target||², t ~ U{0..T-1} and ε ~ N(0, I) unless given."""
+    _check_choice("prediction", prediction, PREDICTIONS)
+    b = x0.shape[0]
+    if t is None:
+        t = torch.randint(0, schedule.num_timesteps, (b,), device=x0.device)
+    t = schedule.check_timesteps(t, b).to(x0.device).expand(b)  # (B,)
+    if noise is None:
+        noise = torch.randn_like(x0)
+    x_t = schedule.q_sample(x0, t, noise)
+    output = model(x_t, t, **cond)
+    _check_same_shape("model output", output, "x0", x0)
+    return F.mse_loss(output, schedule.target(x0, noise, t, prediction))
+
+
+# ----------------------------------------------------------------------------- single reverse steps
+
+
+def _check_step(schedule: NoiseSchedule, t: int, name: str = "t", low: int = 0) -> None:
+    if isinstance(t, bool) or not isinstance(t, int) or not low <= t < schedule.num_timesteps:
+        raise ValueError(f"{name} must be an int in [{low}, {schedule.num_timesteps - 1}], got {t!r}")
+
+
+def ddpm_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, x_t: torch.Tensor,
+              noise: torch.Tensor | None, variance: str = "small", clip_x0: bool = True,
+              prediction: str = "epsilon") -> torch.Tensor:
+    """One ancestral step x_t -> x_{t-1} ~ N(μ̃(x̂0, x_t), σ_t²) (Ho et al. Algorithm 2, written via x̂0).
+
+    variance "small" uses σ_t² = β̃_t (posterior variance), "large" σ_t² = β_t. clip_x0 clamps x̂0 to [-1, 1].
+    noise ~ N(0, I) shaped like x_t is needed for t > 0; at t = 0 the step returns the mean.
+    """
+    _check_step(schedule, t)
+    _check_choice("variance", variance, VARIANCES)
+    x0 = schedule.predict_x0(x_t, t, model_output, prediction)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+    mean, posterior_variance, _ = schedule.q_posterior(x0, x_t, t)  # μ̃ = coef1 x̂0 + coef2 x_t
+    if t == 0:
+        return mean
+    if noise is None:
+        raise ValueError(f"noise is required for a DDPM step at t={t} > 0, got None")
+    _check_same_shape("noise", noise, "x_t", x_t)
+    var = posterior_variance if variance == "small" else schedule._at(schedule.betas, t, x_t)
+    return mean + var.sqrt() * noise
+
+
+def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, t_prev: int, x_t: torch.Tensor,
+              eta: float = 0.0, noise: torch.Tensor | None = None, clip_x0: bool = True,
+              prediction: str = "epsilon") -> torch.Tensor:
+    """One DDIM step x_t -> x_{t_prev} (Song et al. 2021 eq. 12); t_prev = -1 means ᾱ_prev = 1 (the end).
+
+    x_prev = sqrt(ᾱ_prev) x̂0 + sqrt(1 - ᾱ_prev - σ²) ε̂ + σ z, σ = eta · sqrt((1-ᾱ_prev)/(1-ᾱ_t) (1 - ᾱ_t/ᾱ_prev)).
+    eta = 0 is deterministic; eta = 1 with t_prev = t - 1 is the DDPM step. ε̂ comes from the unclipped x̂0,
+    as in diffusers (use_clipped_model_output=False).
+    """
+    _check_step(schedule, t)
+    _check_step(schedule, t_prev, "t_prev", low=-1)
+    if t_prev >= t:
+        raise ValueError(f"t_prev must be smaller than t={t}, got {t_prev}")
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta!r}")
+    x0 = schedule.predict_x0(x_t, t, model_output, prediction)
+    eps = schedule.predict_eps(x_t, t, model_output, prediction)
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+    a_t = schedule.alphas_cumprod_float64[t]
+    a_prev = schedule.alphas_cumprod_float64[t_prev] if t_prev >= 0 else 1.0
+    sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
+    x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps  # max: eta > 1
+    if eta > 0:
+        if noise is None:
+            raise ValueError(f"noise is required for a DDIM step with eta={eta} > 0, got None")
+        _check_same_shape("noise", noise, "x_t", x_t)
+        x_prev = x_prev + sigma * noise
+    return x_prev
+
+
+def timesteps_for(num_timesteps: int, steps: int, spacing: str = "leading") -> torch.Tensor:
+    """A descending sub-sequence of `steps` timesteps of 0..T-1, as diffusers' `timestep_spacing` (int64 (steps,)).
+
+    "leading": 0, k, 2k, … with k = T // steps (ends at 0); "trailing": round(T - i·T/steps) - 1 (starts at
+    T-1); "linspace": round(linspace(0, T-1, steps)) (both ends). Computed with NumPy's float arange/linspace
+    like diffusers, so that ties at .5 round the same way.
+    """
+    _check_choice("spacing", spacing, SPACINGS)
+    if isinstance(steps, bool) or not isinstance(steps, int) or not 1 <= steps <= num_timesteps:
+        raise ValueError(f"steps must be an int in [1, num_timesteps={num_timesteps}], got {steps!r}")
+    if spacing == "leading":
+        ts = (np.arange(steps) * (num_timesteps // steps))[::-1]
+    elif spacing == "trailing":  # the float arange can overshoot by one element: keep the first `steps`
+        ts = np.round(np.arange(num_timesteps, 0, -num_timesteps / steps))[:steps] - 1
+    else:
+        ts = np.linspace(0, num_timesteps - 1, steps).round()[::-1]
+    return torch.from_numpy(ts.astype(np.int64))
+
+
+# ----------------------------------------------------------------------------- samplers
+
+
+def _initial_noise(schedule: NoiseSchedule, shape: tuple[int, ...], x_T: torch.Tensor | None,
+                   start_t: int | None, generator: torch.Generator | None) -> tuple[torch.Tensor, int]:
+    """The starting point of the reverse process: (x at step start_t, start_t); pure noise at T-1 by default."""
+    device = schedule.betas.device
+    if x_T is None:
+        if start_t is not None:
+            raise ValueError(f"start_t={start_t} needs x_T, the image already noised to step start_t")
+        return _randn(tuple(shape), generator, device), schedule.num_timesteps - 1
+    if tuple(x_T.shape) != tuple(shape):
+        raise ValueError(f"x_T must have the sample shape {tuple(shape)}, got {tuple(x_T.shape)}")
+    if start_t is None:
+        return x_T.to(device), schedule.num_timesteps - 1
+    _check_step(schedule, start_t, "start_t")
+    return x_T.to(device), start_t
+
+
+def _prepare_known(known: torch.Tensor | None, known_mask: torch.Tensor | None, x: torch.Tensor
+                   ) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Inpainting inputs broadcast to x's shape: (known image in x0 space, bool mask with True = known)."""
+    if (known is None) != (known_mask is None):
+        raise ValueError("known and known_mask go together: pass both to inpaint, or neither")
+    if known is None:
+        return None, None
+    try:
+        known = known.to(device=x.device, dtype=x.dtype).expand(x.shape)
+        mask = known_mask.to(x.device).expand(x.shape)
+    except RuntimeError:
+        raise ValueError(f"known {tuple(known.shape)} and known_mask {tuple(known_mask.shape)} must broadcast "
+                         f"to the sample shape {tuple(x.shape)}") from None
+    if mask.dtype != torch.bool:
+        if not ((mask == 0) | (mask == 1)).all():
+            raise ValueError("known_mask must be boolean or hold only 0 and 1 (1 = known pixel)")
+        mask = mask.bool()
+    return known, mask
+
+
+def _paste_known(schedule: NoiseSchedule, x: torch.Tensor, known: torch.Tensor | None, mask: torch.Tensor | None,
+                 t_prev: int, generator: torch.Generator | None) -> torch.Tensor:
+    """Inpainting: replace the known region of x_{t_prev} by q_sample(known, t_prev) (by `known` at the end)."""
+    if known is None:
+        return x
+    known_t = known if t_prev < 0 else schedule.q_sample(known, t_prev, generator=generator)
+    return torch.where(mask, known_t, x)
+
+
+def _denoise(model: Denoiser, x: torch.Tensor, t: int, cond: dict) -> torch.Tensor:
+    """Call the denoiser at the integer step t, broadcast to an int64 (B,) tensor, and check its output."""
+    output = model(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device), **cond)
+    _check_same_shape("model output", output, "x", x)
+    return output
+
+
+@torch.no_grad()
+def ddpm_sample(model: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...], *,
+                generator: torch.Generator | None = None, variance: str = "small", clip_x0: bool = True,
+                prediction: str = "epsilon", x_T: torch.Tensor | None = None, progress: bool = True,
+                known: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
+                start_t: int | None = None, **cond) -> torch.Tensor:
+    """Ancestral DDPM sampling: x_{T-1} ~ N(0, I), then T `ddpm_step`s down to x0 (all noise from `generator`).
+
+    known/known_mask inpaint (the result equals `known` where the mask is 1); x_T with start_t starts from an
+    image already noised to step start_t (image-to-image, see `img2img_start`). cond goes to the model.
+    """
+    _check_choice("variance", variance, VARIANCES)
+    _check_choice("prediction", prediction, PREDICTIONS)
+    x, start = _initial_noise(schedule, shape, x_T, start_t, generator)
+    known, mask = _prepare_known(known, known_mask, x)
+    for t in tqdm(range(start, -1, -1), desc="DDPM", disable=not progress, leave=False):
+        output = _denoise(model, x, t, cond)
+        noise = _randn(tuple(x.shape), generator, x.device, x.dtype) if t > 0 else None
+        x = ddpm_step(schedule, output, t, x, noise, variance, clip_x0, prediction)
+        x = _paste_known(schedule, x, known, mask, t - 1, generator)
+    return x
+
+
+@torch.no_grad()
+def ddim_sample(model: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...], *, steps: int = 50,
+                eta: float = 0.0, spacing: str = "leading", generator: torch.Generator | None = None,
+                clip_x0: bool = True, prediction: str = "epsilon", x_T: torch.Tensor | None = None,
+                progress: bool = True, known: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
+                start_t: int | None = None, **cond) -> torch.Tensor:
+    """DDIM sampling on `steps` timesteps (`timesteps_for(T, steps, spacing)`); eta = 0 is deterministic.
+
+    Each step goes from a timestep to the next one of the sub-sequence (the last one to ᾱ = 1). With start_t
+    the sequence is start_t followed by the sub-sequence's timesteps below it. Extras as in `ddpm_sample`.
+    """
+    _check_choice("prediction", prediction, PREDICTIONS)
+    if eta < 0:
+        raise ValueError(f"eta must be >= 0, got {eta!r}")
+    x, start = _initial_noise(schedule, shape, x_T, start_t, generator)
+    known, mask = _prepare_known(known, known_mask, x)
+    ts = timesteps_for(schedule.num_timesteps, steps, spacing).tolist()
+    if start_t is not None:
+        ts = [start] + [t for t in ts if t < start]
+    for t, t_prev in tqdm(list(zip(ts, ts[1:] + [-1])), desc="DDIM", disable=not progress, leave=False):
+        output = _denoise(model, x, t, cond)
+        noise = _randn(tuple(x.shape), generator, x.device, x.dtype) if eta > 0 else None
+        x = ddim_step(schedule, output, t, t_prev, x, eta, noise, clip_x0, prediction)
+        x = _paste_known(schedule, x, known, mask, t_prev, generator)
+    return x
+
+
+def img2img_start(schedule: NoiseSchedule, x0: torch.Tensor, strength: float,
+                  generator: torch.Generator | None = None) -> tuple[torch.Tensor, int]:
+    """Image-to-image (SDEdit): noise x0 to start_t = round(strength · (T-1)); returns (x_t, start_t).
+
+    Pass them to a sampler as `x_T=x_t, start_t=start_t`; strength 1 starts from (almost) pure noise,
+    small strengths keep more of x0.
+    """
+    if not 0 <= strength <= 1:
+        raise ValueError(f"strength must lie in [0, 1], got {strength!r}")
+    start_t = round(strength * (schedule.num_timesteps - 1))
+    return schedule.q_sample(x0, start_t, generator=generator), start_t
+
+
+# ----------------------------------------------------------------------------- classifier-free guidance
+
+
+def classifier_free_guidance(model: Denoiser, scale: float, uncond: dict[str, torch.Tensor]) -> Denoiser:
+    """Wrap a conditional denoiser: out_u + scale · (out_c - out_u), both halves in one batched call.
+
+    uncond holds the null condition for every conditioning keyword (e.g. {"y": null labels} or
+    {"context": ..., "context_mask": ...}), batch 1 or B; a negative prompt is passed as uncond.
+    scale 1 gives the conditional prediction, scale 0 the unconditional one.
+    """
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)):
+        raise TypeError(f"scale must be a number, got {type(scale).__name__}")
+    if not isinstance(uncond, dict) or not uncond:
+        raise ValueError(f"uncond must be a non-empty dict of null condition tensors, got {uncond!r}")
+
+    def guided(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        if set(cond) != set(uncond):
+            raise ValueError(f"the condition keywords {sorted(cond)} must match uncond's {sorted(uncond)}")
+        b = x.shape[0]
+        t = torch.as_tensor(t, device=x.device).expand(b)  # (B,)
+        both = {}
+        for key, c in cond.items():
+            u = uncond[key].to(c.device)
+            if u.shape[0] == 1 and b > 1:
+                u = u.expand(b, *u.shape[1:])
+            if u.shape != c.shape:
+                raise ValueError(f"uncond[{key!r}] must have the shape of the condition {tuple(c.shape)} "
+                                 f"(or batch size 1), got {tuple(uncond[key].shape)}")
+            both[key] = torch.cat([c, u])  # (2B, ...)
+        out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
+        return out_u + scale * (out_c - out_u)
+
+    return guided
