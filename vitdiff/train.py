@@ -154,6 +154,8 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], Any],
     LR schedule, RNG, data order) and a new one is written every `checkpoint_every` steps, at the
     end, and on Ctrl-C (which then returns what was trained so far instead of raising).
     `parameters` restricts optimisation to a subset (e.g. a linear probe on a frozen backbone).
+    A fresh run seeds the global torch RNG with `config.seed` (loss_fn's noise draws come from it), so the
+    same config gives the same run; a resumed run restores the saved RNG state instead.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
