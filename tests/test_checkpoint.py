@@ -93,3 +93,24 @@ def test_optimizer_requested_but_not_saved(tmp_path):
     model = _vit()
     with pytest.raises(CheckpointError, match="no optimizer state"):
         load_checkpoint(tmp_path / "ck", model, optimizer=torch.optim.AdamW(model.parameters()))
+
+
+def test_load_model_checks_class_before_building(tmp_path):
+    from vitdiff.unet import UNet
+
+    save_checkpoint(tmp_path / "ck", _vit())
+    with pytest.raises(CheckpointError, match="holds a ViT, not a UNet"):
+        load_model(tmp_path / "ck", UNet)
+
+
+def test_interrupted_replace_falls_back_to_previous_checkpoint(tmp_path):
+    save_checkpoint(tmp_path / "ck", _vit(), step=3)
+    (tmp_path / "ck").rename(tmp_path / "ck.old")  # a crash between the two renames of a replace
+    assert read_config(tmp_path / "ck")["step"] == 3
+
+
+def test_load_model_uses_ema_weights(tmp_path):
+    model, ema = _vit(0), _vit(1)
+    save_checkpoint(tmp_path / "ck", model, ema=ema)
+    x = torch.randn(2, 1, 16, 16)
+    assert torch.equal(load_model(tmp_path / "ck", ViT, use_ema=True).eval()(x), ema.eval()(x))

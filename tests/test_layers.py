@@ -417,3 +417,19 @@ def test_timestep_embedder_shape():
     out = embedder(torch.tensor([0.0, 500.0, 999.0]))
     assert out.shape == (3, 24)
     assert not torch.allclose(out[0], out[1])
+
+
+def test_attention_and_patch_embed_reject_malformed_arguments():
+    with pytest.raises(ValueError, match="num_heads"):
+        Attention(16, num_heads=0)
+    with pytest.raises(ValueError, match=r"\(B, N, dim\)"):
+        Attention(16, num_heads=2)(torch.randn(5, 16))
+    with pytest.raises(ValueError, match="img_size"):
+        PatchEmbed(img_size=(32, 32), patch_size=4)
+
+
+def test_two_dimensional_mask_is_key_padding_even_when_batch_equals_tokens():
+    attn = Attention(8, num_heads=2)
+    x = torch.randn(4, 4, 8)  # B == N: a (4, 4) mask must still mean key padding (B, Nk)
+    padding = torch.tensor([[True, True, True, False]] * 4)
+    torch.testing.assert_close(attn(x, mask=padding), attn(x, mask=padding[:, None, :].expand(4, 4, 4)))

@@ -108,6 +108,42 @@ def test_exact_resume_matches_uninterrupted(tmp_path):
     assert again.history.loss == straight.history.loss
 
 
+@pytest.mark.parametrize("where", ["after_noise_draw", "in_next_batch"])
+def test_exact_resume_whatever_point_ctrl_c_hits(tmp_path, where):
+    x, y = _data()
+    cfg = TrainConfig(steps=16, batch_size=16, warmup_steps=3)
+    straight = train(_model(), _loss, (x, y), cfg, progress=False)
+    calls = {"loss": 0, "data": 0}
+    base = tensor_batches((x, y), cfg.batch_size, cfg.seed)
+
+    def loss_then_interrupt(model, batch):
+        calls["loss"] += 1
+        value = _loss(model, batch)  # draws noise from the global RNG first
+        if where == "after_noise_draw" and calls["loss"] == 7:
+            raise KeyboardInterrupt
+        return value
+
+    def batches(step):
+        calls["data"] += 1
+        if where == "in_next_batch" and calls["data"] == 7:  # after step 5's update, before step 6 starts
+            raise KeyboardInterrupt
+        return base(step)
+
+    ckpt = dataclasses.replace(cfg, checkpoint_dir=str(tmp_path / "run"))
+    first = train(_model(), loss_then_interrupt, batches, ckpt, progress=False)
+    assert first.interrupted and first.history.step == list(range(6))
+    resumed = train(_model(), _loss, base, ckpt, progress=False)
+    assert resumed.history.loss == straight.history.loss
+
+
+def test_history_lr_is_the_lr_each_step_used():
+    x, y = _data()
+    cfg = TrainConfig(steps=12, batch_size=16, lr=1e-3, warmup_steps=4, min_lr_ratio=0.1)
+    h = train(_model(), _loss, (x, y), cfg, progress=False).history
+    expected = [1e-3 * lr_factor(s, 12, 4, 0.1) for s in range(12)]
+    assert h.lr == pytest.approx(expected)
+
+
 def test_crash_resumes_from_last_periodic_checkpoint(tmp_path):
     x, y = _data()
     cfg = TrainConfig(steps=20, batch_size=16, checkpoint_every=5, checkpoint_dir=str(tmp_path / "ck"))

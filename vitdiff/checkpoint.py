@@ -63,8 +63,16 @@ def save_checkpoint(directory: str | os.PathLike, model: nn.Module, *, step: int
     return directory
 
 
+def _recover(directory: Path) -> None:
+    """Finish a replace that was interrupted between its two renames (the previous checkpoint is in .old)."""
+    old = directory.with_name(directory.name + ".old")
+    if not directory.exists() and old.is_dir():
+        old.rename(directory)
+
+
 def read_config(directory: str | os.PathLike) -> dict:
     """The JSON metadata of a checkpoint folder; a clear error if it is missing or unreadable."""
+    _recover(Path(directory))
     path = Path(directory) / "config.json"
     if not path.is_file():
         raise CheckpointError(f"no checkpoint at {Path(directory)}: {path.name} is missing")
@@ -134,11 +142,11 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, *,
 def load_model(directory: str | os.PathLike, cls: type[nn.Module], use_ema: bool = False) -> nn.Module:
     """Rebuild `cls(**model_config)` from a checkpoint and load its (EMA) weights."""
     meta = read_config(directory)
+    if meta["model_class"] != cls.__name__:
+        raise CheckpointError(f"checkpoint {directory} holds a {meta['model_class']}, not a {cls.__name__}")
     if meta.get("model_config") is None:
         raise CheckpointError(f"checkpoint {directory} stores no model_config; build the model and "
                               "call load_checkpoint instead")
     model = cls(**meta["model_config"])
-    if meta["model_class"] != cls.__name__:
-        raise CheckpointError(f"checkpoint {directory} holds a {meta['model_class']}, not a {cls.__name__}")
     _load_weights(model, Path(directory) / ("ema.safetensors" if use_ema else "model.safetensors"))
     return model

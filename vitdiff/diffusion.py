@@ -382,7 +382,10 @@ def ddim_sample(model: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...]
                 start_t: int | None = None, **cond) -> torch.Tensor:
     """DDIM sampling on `steps` timesteps (`timesteps_for(T, steps, spacing)`); eta = 0 is deterministic.
 
-    Each step goes from a timestep to the next one of the sub-sequence (the last one to ᾱ = 1). With start_t
+    Each step goes from a timestep to the next one of the sub-sequence (the last one to ᾱ = 1). diffusers'
+    DDIMScheduler instead always steps to t - T // steps; the two agree whenever T is divisible by `steps`
+    with "leading"/"trailing" spacing, and for "linspace" or a non-divisible T this sampler is the
+    consistent one (it never skips or repeats a timestep). With start_t
     the sequence is start_t followed by the sub-sequence's timesteps below it. Extras as in `ddpm_sample`.
     """
     _check_choice("prediction", prediction, PREDICTIONS)

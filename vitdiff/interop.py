@@ -2,7 +2,7 @@
 
 - `vit_from_timm(model)`: a timm `VisionTransformer` -> `vitdiff.vit.ViT` with the same weights (chapter 03).
 
-Placeholders, not implemented yet:
+Planned with later chapters (not in the package yet):
 - `dit_from_diffusers(model)`: a diffusers `DiTTransformer2DModel` -> `vitdiff.dit.DiT`; comes with chapter 07.
 - `mmdit_from_diffusers(model)`: a diffusers `SD3Transformer2DModel` -> `vitdiff.mmdit.MMDiT`; comes with
   chapter 09.

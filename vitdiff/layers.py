@@ -31,6 +31,8 @@ class PatchEmbed(nn.Module):
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
                  bias: bool = True):
         super().__init__()
+        if not isinstance(img_size, int) or img_size <= 0:
+            raise ValueError(f"img_size must be a positive int (square images), got {img_size!r}")
         if not isinstance(patch_size, int) or patch_size <= 0:
             raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
         _check_divisible("img_size", img_size, "patch_size", patch_size)
@@ -109,7 +111,8 @@ def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = Fa
 def _expand_mask(mask: torch.Tensor | None, batch: int, heads: int, n_q: int, n_k: int) -> torch.Tensor | None:
     """Bring a boolean "may attend" mask (True = attend) to a shape that broadcasts to (B, h, Nq, Nk).
 
-    Accepted: (B, Nk) key padding; (B or 1, Nq, Nk); (B or 1, h or 1, Nq, Nk).
+    Accepted: (B, Nk) key padding; (B or 1, Nq, Nk); (B or 1, h or 1, Nq, Nk). A 2-D mask is always
+    read as key padding, so a mask shared by the whole batch (e.g. causal) must be 3-D: mask[None].
     """
     if mask is None:
         return None
@@ -156,6 +159,8 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, context_dim: int | None = None,
                  qk_norm: bool = False, fused: bool = True):
         super().__init__()
+        if not isinstance(num_heads, int) or num_heads <= 0:
+            raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
         if dim % num_heads != 0:
             raise ValueError(f"dim={dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
@@ -172,6 +177,8 @@ class Attention(nn.Module):
     def forward(self, x: torch.Tensor, context: torch.Tensor | None = None, mask: torch.Tensor | None = None,
                 return_attn: bool = False) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         """x (B, N, dim), context (B, M, context_dim) or None, bool mask (True = attend) -> (B, N, dim)."""
+        if x.ndim != 3:
+            raise ValueError(f"Attention expects tokens x of shape (B, N, dim), got {tuple(x.shape)}")
         source = x if context is None else context
         if source.shape[-1] != self.context_dim:
             what = "context" if context is not None else "x"

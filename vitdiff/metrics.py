@@ -62,6 +62,8 @@ def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classe
 def _batched(fn: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, images: torch.Tensor, batch_size: int,
              device: str | torch.device | None) -> torch.Tensor:
     """Apply `fn` to `images` in batches with `model` in eval mode; outputs stacked on the CPU as float32."""
+    if len(images) == 0:
+        raise ValueError("images is empty: need at least one image (N >= 1)")
     device = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()

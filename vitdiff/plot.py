@@ -10,12 +10,15 @@ import torch
 import torch.nn.functional as F
 
 
-def to_image(x: torch.Tensor) -> np.ndarray:
-    """(C, H, W) tensor in [0, 1] (or [-1, 1] if it has negatives) -> (H, W) or (H, W, 3) array for imshow."""
+def to_image(x: torch.Tensor, signed: bool | None = None) -> np.ndarray:
+    """(C, H, W) tensor -> (H, W) or (H, W, 3) array for imshow, clipped to [0, 1].
+
+    signed=True reads x as [-1, 1] (diffusion chapters), False as [0, 1]; None guesses from x's minimum.
+    """
     x = x.detach().float().cpu()
     if x.ndim != 3:
         raise ValueError(f"to_image expects (C, H, W), got shape {tuple(x.shape)}")
-    if x.min() < 0:
+    if signed if signed is not None else bool(x.min() < 0):
         x = (x + 1) / 2
     x = x.clamp(0, 1)
     return x[0].numpy() if x.shape[0] == 1 else x.permute(1, 2, 0).numpy()
@@ -28,13 +31,14 @@ def image_grid(images: torch.Tensor, ncols: int = 8, titles: Sequence[str] | Non
     if n == 0:
         raise ValueError("image_grid needs at least one image")
     ncols = min(ncols, n)
+    signed = bool(images.min() < -0.05)  # one decision for the whole grid: [-1, 1] data, or [0, 1]
     nrows = (n + ncols - 1) // ncols
     fig, axes = plt.subplots(nrows, ncols, figsize=(scale * ncols, scale * nrows + (0.4 if suptitle else 0)),
                              squeeze=False)
     for i, ax in enumerate(axes.flat):
         ax.axis("off")
         if i < n:
-            ax.imshow(to_image(images[i]), cmap="gray", vmin=0, vmax=1)
+            ax.imshow(to_image(images[i], signed), cmap="gray", vmin=0, vmax=1)
             if titles is not None:
                 ax.set_title(titles[i], fontsize=7)
     if suptitle:

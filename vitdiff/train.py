@@ -170,7 +170,7 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], Any],
         next_batch = tensor_batches(tensors, config.batch_size, config.seed)
 
     params = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
-    decay = [p for p in params if p.ndim >= 2]  # no weight decay on biases, norms, embeddings' scalars
+    decay = [p for p in params if p.ndim >= 2]  # weight decay on matrices (incl. embeddings), not biases/norms
     no_decay = [p for p in params if p.ndim < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     optimizer = torch.optim.AdamW([g for g in groups if g["params"]],
@@ -181,7 +181,7 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], Any],
 
     history, start = History(), 0
     ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else None
-    if ckpt is not None and (ckpt / "config.json").exists():
+    if ckpt is not None and ((ckpt / "config.json").exists() or ckpt.with_name(ckpt.name + ".old").is_dir()):
         meta = load_checkpoint(ckpt, model, optimizer=optimizer, scheduler=scheduler, ema=ema)
         start = meta["step"]
         history = History(**meta["extra"].get("history", {}))
@@ -190,11 +190,21 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], Any],
     else:
         torch.manual_seed(config.seed)
 
-    def checkpoint(step: int) -> None:
+    def checkpoint(step: int, rng: dict[str, Any] | None = None) -> None:
         if ckpt is not None:
             save_checkpoint(ckpt, model, step=step, optimizer=optimizer, scheduler=scheduler, ema=ema,
                             extra={"train_config": asdict(config), "history": asdict(history)},
-                            rng=_rng_state(device))
+                            rng=rng if rng is not None else _rng_state(device))
+
+    def record(step: int, loss: torch.Tensor, lr: float, extra: dict, batch: Any) -> None:
+        if history.step and history.step[-1] == step:
+            return  # already recorded
+        history.step.append(step)
+        history.loss.append(loss.item())
+        history.lr.append(lr)
+        if extra:
+            history.metrics.append({k: float(v) for k, v in extra.items()})
+        history.examples += batch[0].shape[0] if isinstance(batch, (tuple, list)) else 0
 
     def evaluate(step: int) -> None:
         if eval_fn is None:
@@ -211,10 +221,14 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], Any],
                               enabled=config.amp and device.type == "cuda")
     model.train()
     step, interrupted = start, False
+    completed = start  # steps whose update is in the weights
+    rng_at = (start, None)  # (step, RNG state as that step began): what an exact resume restores
+    pending = None  # an applied update not yet recorded in history
     bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="train", leave=False)
     tic = time.perf_counter()
     try:
         for step in range(start, config.steps):
+            rng_at = (step, _rng_state(device))
             batch = next_batch(step)
             with autocast:
                 out = loss_fn(model, batch)
@@ -225,30 +239,35 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], Any],
             loss.backward()
             if config.grad_clip:
                 nn.utils.clip_grad_norm_(params, config.grad_clip)
+            lr = optimizer.param_groups[0]["lr"]  # the LR this step trains with
             optimizer.step()
             scheduler.step()
             if ema is not None:
                 update_ema(ema, model, config.ema_decay)
-            history.step.append(step)
-            history.loss.append(loss.item())
-            history.lr.append(scheduler.get_last_lr()[0])
-            if extra:
-                history.metrics.append({k: float(v) for k, v in extra.items()})
-            history.examples += batch[0].shape[0] if isinstance(batch, (tuple, list)) else 0
+            completed, pending = step + 1, (step, loss, lr, extra, batch)
+            record(*pending)
+            pending = None
             bar.update(1)
             if step % 10 == 0:
                 bar.set_postfix(loss=f"{history.loss[-1]:.4f}")
-            done = step + 1
-            if config.eval_every and done % config.eval_every == 0 and done < config.steps:
-                evaluate(done)
-            if config.checkpoint_every and done % config.checkpoint_every == 0 and done < config.steps:
+            if config.eval_every and completed % config.eval_every == 0 and completed < config.steps:
+                evaluate(completed)
+            if config.checkpoint_every and completed % config.checkpoint_every == 0 and completed < config.steps:
                 history.seconds += time.perf_counter() - tic
                 tic = time.perf_counter()
-                checkpoint(done)
+                checkpoint(completed)
         step = config.steps
     except KeyboardInterrupt:
         interrupted = True
-        step = history.step[-1] + 1 if history.step else start
+        if pending is not None:
+            record(*pending)  # the update was applied before the interrupt: count it
+        step = completed
+        # Resume must replay the interrupted step from the RNG state it began with; if no step had begun
+        # since the last completed one, no randomness was consumed since, and the live state is right.
+        rng = rng_at[1] if rng_at[0] == completed and rng_at[1] is not None else _rng_state(device)
+        history.seconds += time.perf_counter() - tic
+        tic = time.perf_counter()
+        checkpoint(step, rng)
         print(f"Interrupted at step {step}; " + (f"checkpoint saved to {ckpt}." if ckpt else
                                                  "set checkpoint_dir to keep progress across interruptions."))
     finally:
@@ -256,6 +275,6 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], Any],
     history.seconds += time.perf_counter() - tic
     if not interrupted:
         evaluate(step)
-    checkpoint(step)
+        checkpoint(step)
     model.eval()
     return TrainResult(model=model, ema=ema, history=history, interrupted=interrupted)
