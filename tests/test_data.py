@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,6 +166,51 @@ def test_missing_dataset_without_download(tmp_path):
         load_dataset("mnist", root=tmp_path, download=False)
     assert str(tmp_path / "MNIST" / "raw") in str(info.value)
     assert "VITDIFF_DATA" in str(info.value)
+
+
+def _no_network(monkeypatch, calls):
+    def no_network(*args, **kwargs):
+        calls.append(args)
+        raise urllib.error.URLError("network disabled in tests")
+
+    def no_socket(*args, **kwargs):
+        raise OSError("network disabled in tests")
+
+    monkeypatch.setattr(urllib.request, "urlopen", no_network)
+    monkeypatch.setattr(socket, "getaddrinfo", no_socket)
+    monkeypatch.setattr(socket, "create_connection", no_socket)
+    monkeypatch.setattr(socket.socket, "connect", no_socket)
+
+
+@pytest.mark.parametrize("name, folder", [("fashion_mnist", "FashionMNIST"), ("mnist", "MNIST")])
+def test_failed_download_leaves_no_empty_dataset_folder(tmp_path, monkeypatch, name, folder):
+    _no_network(monkeypatch, [])
+    root = tmp_path / "fresh_root"  # not there yet: created by the download attempt, so removed again
+    with pytest.raises(DatasetNotFoundError):
+        load_dataset(name, root=root, download=True, timeout=1.0)
+    assert not root.exists()
+    (tmp_path / "keep.txt").write_text("the user's")
+    with pytest.raises(DatasetNotFoundError):
+        load_dataset(name, root=tmp_path, download=True, timeout=1.0)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["keep.txt"]  # no empty FashionMNIST/raw left behind
+    (tmp_path / folder / "raw").mkdir(parents=True)
+    (tmp_path / folder / "raw" / "notes.txt").write_text("the user's")
+    with pytest.raises(DatasetNotFoundError):
+        load_dataset(name, root=tmp_path, download=True, timeout=1.0)
+    assert (tmp_path / folder / "raw" / "notes.txt").exists()  # folders that were there before are kept
+
+
+def test_missing_dataset_hint_is_the_readme_command_with_absolute_paths(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # as from a notebook's own folder; a relative root must show up absolute
+    with pytest.raises(DatasetNotFoundError) as info:
+        load_dataset("fashion_mnist", root="data", download=False)
+    message = str(info.value)
+    share = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
+    command = f"cp -r {share}/MNIST {share}/FashionMNIST {tmp_path / 'data'}/"
+    assert f"`{command}`" in message and str(tmp_path / "data" / "FashionMNIST" / "raw") in message
+    readme = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    assert "cp -r ../shared/data/MNIST ../shared/data/FashionMNIST data/" in readme  # same command, relative
+    assert "torchvision's layout (`MNIST/raw/*-ubyte.gz`, `FashionMNIST/raw/*-ubyte.gz`)" in message
 
 
 def test_missing_dataset_with_failing_download(tmp_path, monkeypatch):

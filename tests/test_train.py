@@ -195,3 +195,94 @@ def test_config_errors(kwargs, match):
 def test_train_rejects_non_config():
     with pytest.raises(TypeError, match="TrainConfig"):
         train(_model(), _loss, _data(), {"steps": 3})
+
+
+# ----------------------------------------------------------------------------- resuming with a changed config
+
+
+def _counting_eval(calls):
+    def eval_fn(model):
+        calls.append(1)
+        return {"calls": float(len(calls))}
+    return eval_fn
+
+
+def test_rerunning_a_finished_run_returns_at_once_without_a_second_evaluation(tmp_path):
+    x, y = _data()
+    cfg = TrainConfig(steps=10, batch_size=16, checkpoint_dir=str(tmp_path / "run"))
+    calls = []
+    first = train(_model(), _loss, (x, y), cfg, eval_fn=_counting_eval(calls), progress=False)
+    again = train(_model(), _loss, (x, y), cfg, eval_fn=_counting_eval(calls), progress=False)
+    assert len(calls) == 1 and again.history.evals == first.history.evals == [{"step": 10, "calls": 1.0}]
+    assert again.history.loss == first.history.loss and not again.interrupted and not again.model.training
+    for p, q in zip(again.model.parameters(), first.model.parameters()):
+        assert torch.equal(p, q)
+
+
+@pytest.mark.parametrize("interrupt_at", [None, 6])  # extend a finished run, or one stopped by Ctrl-C
+def test_extending_steps_on_resume_replans_the_lr_schedule(tmp_path, interrupt_at):
+    x, y = _data()
+    cfg = TrainConfig(steps=10, batch_size=16, lr=1e-2, warmup_steps=2, min_lr_ratio=0.1,
+                      checkpoint_dir=str(tmp_path / "run"))
+    calls = {"n": 0}
+
+    def loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == interrupt_at:
+            raise KeyboardInterrupt
+        return _loss(model, batch)
+
+    first = train(_model(), loss, (x, y), cfg, progress=False)
+    done = len(first.history.loss)
+    assert done == (10 if interrupt_at is None else interrupt_at - 1)
+    longer = dataclasses.replace(cfg, steps=20)
+    evals = []
+    resumed = train(_model(), _loss, (x, y), longer, eval_fn=_counting_eval(evals), progress=False)
+    h = resumed.history
+    assert h.step == list(range(20)) and len(evals) == 1 and h.evals[-1]["step"] == 20
+    assert h.lr[:done] == pytest.approx([1e-2 * lr_factor(s, 10, 2, 0.1) for s in range(done)])
+    # from the resumed step on, the LR is the one a fresh 20-step run would use at that step (never 0)
+    assert h.lr[done:] == pytest.approx([1e-2 * lr_factor(s, 20, 2, 0.1) for s in range(done, 20)])
+    assert min(h.lr[done:]) >= 1e-3 * (1 - 1e-6)
+
+
+@pytest.mark.parametrize("change", [dict(batch_size=32), dict(lr=2e-3), dict(warmup_steps=3), dict(seed=1),
+                                    dict(min_lr_ratio=0.5), dict(ema_decay=0.9), dict(grad_clip=None),
+                                    dict(betas=(0.8, 0.99)), dict(weight_decay=0.0)])
+def test_resume_refuses_a_changed_recipe(tmp_path, change):
+    x, y = _data()
+    cfg = TrainConfig(steps=8, batch_size=16, lr=1e-3, checkpoint_dir=str(tmp_path / "run"))
+    train(_model(), _loss, (x, y), cfg, progress=False)
+    (name,) = change
+    with pytest.raises(ValueError, match=f"another recipe.*differing fields: {name}: checkpoint "):
+        train(_model(), _loss, (x, y), dataclasses.replace(cfg, **change), progress=False)
+
+
+def test_resume_error_lists_every_differing_field_and_allows_bookkeeping_changes(tmp_path):
+    x, y = _data()
+    cfg = TrainConfig(steps=8, batch_size=16, checkpoint_dir=str(tmp_path / "run"))
+    straight = train(_model(), _loss, (x, y), dataclasses.replace(cfg, checkpoint_dir=None), progress=False)
+    calls = {"n": 0}
+
+    def interrupted_loss(model, batch):
+        calls["n"] += 1
+        if calls["n"] == 5:
+            raise KeyboardInterrupt
+        return _loss(model, batch)
+
+    assert train(_model(), interrupted_loss, (x, y), cfg, progress=False).interrupted
+    with pytest.raises(ValueError, match="batch_size: checkpoint 16, now 8; lr: checkpoint 0.001, now 1.0"):
+        train(_model(), _loss, (x, y), dataclasses.replace(cfg, batch_size=8, lr=1.0), progress=False)
+    # eval_every, checkpoint_every, amp and channels_last may change: the trajectory stays exact
+    relaxed = dataclasses.replace(cfg, eval_every=3, checkpoint_every=5, amp=False, channels_last=True)
+    resumed = train(_model(), _loss, (x, y), relaxed, eval_fn=lambda m: {"x": 0.0}, progress=False)
+    assert resumed.history.loss == straight.history.loss
+    assert [e["step"] for e in resumed.history.evals] == [6, 8]
+
+
+def test_resume_refuses_fewer_steps_than_already_trained(tmp_path):
+    x, y = _data()
+    cfg = TrainConfig(steps=8, batch_size=16, checkpoint_dir=str(tmp_path / "run"))
+    train(_model(), _loss, (x, y), cfg, progress=False)
+    with pytest.raises(ValueError, match="steps=5 is below the 8 steps"):
+        train(_model(), _loss, (x, y), dataclasses.replace(cfg, steps=5), progress=False)

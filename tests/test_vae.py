@@ -1,6 +1,7 @@
 """Tests of the VAE (chapter 06): the Gaussian latent, shapes and errors, latent scaling, the loss, overfitting."""
 
 import functools
+import math
 
 import pytest
 import torch
@@ -124,6 +125,19 @@ def test_estimate_scaling_factor_gives_unit_variance_and_is_saved(tmp_path):
     assert fresh.scaling_factor.item() == pytest.approx(factor)
     save_checkpoint(tmp_path / "vae", vae)
     assert load_model(tmp_path / "vae", VAE).scaling_factor.item() == pytest.approx(factor)
+
+
+def test_estimate_scaling_factor_with_sample_uses_sampled_latents():
+    vae = VAE(in_channels=1, latent_channels=4, base_channels=4, channel_mult=(1,), groups=1)
+    with torch.no_grad():  # hand-set encoder output: mean ±1 by channel, std 2 everywhere, whatever the image
+        conv = vae.encoder.out[-1]
+        conv.weight.zero_()
+        conv.bias.copy_(torch.tensor([1.0, -1.0, 1.0, -1.0, *[math.log(4.0)] * 4]))  # [mean, logvar = log 2²]
+    images = torch.rand(32, 1, 8, 8) * 2 - 1
+    mean_values = torch.tensor([1.0, -1.0, 1.0, -1.0]).repeat_interleave(64).repeat(32)  # every latent mode
+    assert vae.estimate_scaling_factor(images) == pytest.approx(1 / mean_values.std().item(), rel=1e-5)
+    # sampled latents are mean + 2ε: variance 1 + 4 = 5, so the factor is 1/sqrt(5) (±3% over 8192 values)
+    assert vae.estimate_scaling_factor(images, sample=True) == pytest.approx(1 / math.sqrt(5), rel=0.03)
 
 
 def test_encode_latents_and_decode_latents_match_encode_and_decode():

@@ -37,7 +37,11 @@ def pick(quick: T, full: T) -> T:
 def get_device(device: str | torch.device | None = None) -> torch.device:
     """The device to train on: the one asked for, else CUDA when available, else the CPU."""
     if device is not None:
-        return torch.device(device)
+        device = torch.device(device)
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise ValueError(f"device={str(device)!r} was asked for, but CUDA is not available here; "
+                             "pass device=None (the best available) or 'cpu'")
+        return device
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 

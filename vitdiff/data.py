@@ -7,6 +7,7 @@ The data root is the environment variable VITDIFF_DATA, else the repository's da
 from __future__ import annotations
 
 import os
+import shutil
 import socket
 from pathlib import Path
 
@@ -44,6 +45,18 @@ def data_root(root: str | os.PathLike | None = None) -> Path:
     return repo_data if repo_data.is_dir() else Path.cwd() / "data"
 
 
+def _copy_hint(key: str, folder: Path) -> str:
+    """The README's offline instruction with absolute paths, so it works from any folder (e.g. notebooks/)."""
+    share = Path(__file__).resolve().parent.parent.parent / "shared" / "data"  # the README's ../shared/data
+    folder = folder.absolute()
+    if key == "cifar10":
+        return (f"Copy `cifar-10-python.tar.gz` or the unpacked `cifar-10-batches-py/` into {folder}, for example "
+                f"from a course share: `cp -r {share}/cifar-10-batches-py {folder}/`")
+    return (f"Copy the original files in torchvision's layout (`MNIST/raw/*-ubyte.gz`, "
+            f"`FashionMNIST/raw/*-ubyte.gz`) into {folder}, for example from a course share: "
+            f"`cp -r {share}/MNIST {share}/FashionMNIST {folder}/`")
+
+
 def _canonical(name: str) -> str:
     if not isinstance(name, str):
         raise TypeError(f"dataset name must be a string, got {type(name).__name__}")
@@ -78,6 +91,8 @@ def load_dataset(name: str, train: bool = True, root: str | os.PathLike | None =
     import torchvision
     from torchvision import transforms
 
+    if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not 0 < timeout < float("inf"):
+        raise ValueError(f"timeout must be a positive number of seconds, got {timeout!r}")
     key = _canonical(name)
     cls_name, sub, files, _ = DATASETS[key]
     folder = data_root(root)
@@ -86,18 +101,23 @@ def load_dataset(name: str, train: bool = True, root: str | os.PathLike | None =
     cls = getattr(torchvision.datasets, cls_name)
     if plain:
         return cls(str(folder), train=train, transform=transform, download=False)
-    hint = (f"Dataset {key!r} was not found under {folder / sub if sub else folder} (data root {folder}). "
-            f"Copy the original files there (for MNIST/Fashion-MNIST the four *-ubyte.gz files in "
-            f"torchvision's layout, e.g. `cp -r ../shared/data/* {folder}/`), or point VITDIFF_DATA at a "
-            f"folder that has them.")
+    where = (folder / sub if sub else folder).absolute()
+    hint = (f"Dataset {key!r} was not found under {where} (data root {folder.absolute()}). "
+            f"{_copy_hint(key, folder)}, or point VITDIFF_DATA at a folder that holds them.")
     if not packed and not download:
         raise DatasetNotFoundError(hint)
+    # Folders the download creates (data root, MNIST/, MNIST/raw/): removed again if it fails, so a failed
+    # offline attempt leaves no empty folder that looks like a dataset.
+    created = [p for p in dict.fromkeys([folder, folder / Path(sub).parts[0], folder / sub] if sub else [folder])
+               if not p.exists()]
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout)  # never hang on a machine without network
     try:
         # With the archives present torchvision only verifies their checksums and unpacks them.
         return cls(str(folder), train=train, transform=transform, download=True)
     except Exception as error:  # URLError, socket timeout, RuntimeError from a failed check
+        for path in created:  # outermost first: everything inside came from this failed attempt
+            shutil.rmtree(path, ignore_errors=True)
         raise DatasetNotFoundError(f"{hint} (download failed: {error})") from error
     finally:
         socket.setdefaulttimeout(old_timeout)
@@ -156,8 +176,8 @@ def render_shapes(labels: torch.Tensor | np.ndarray | list, img_size: int = 32,
     Each object sits in its quadrant; with `rng` its size and offset are jittered. Edges are
     anti-aliased by 4× supersampling.
     """
-    if img_size < 8:
-        raise ValueError(f"img_size must be at least 8, got {img_size}")
+    if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 8:
+        raise ValueError(f"img_size must be an int >= 8, got {img_size!r}")
     s = 4 * img_size  # supersampled canvas
     yy, xx = np.mgrid[0:s, 0:s].astype(np.float32) + 0.5
     canvas = np.zeros((3, s, s), dtype=np.float32)

@@ -49,6 +49,8 @@ def accuracy(logits: torch.Tensor, labels: torch.Tensor) -> float:
 
 def confusion_matrix(predictions: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
     """(K, K) int64 counts: row = true class, column = predicted class."""
+    if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes <= 0:
+        raise ValueError(f"num_classes must be a positive int, got {num_classes!r}")
     if predictions.shape != labels.shape:
         raise ValueError(f"predictions {tuple(predictions.shape)} and labels {tuple(labels.shape)} differ in shape")
     if len(labels) and (labels.min() < 0 or labels.max() >= num_classes or predictions.min() < 0
@@ -64,7 +66,13 @@ def _batched(fn: Callable[[torch.Tensor], torch.Tensor], model: nn.Module, image
     """Apply `fn` to `images` in batches with `model` in eval mode; outputs stacked on the CPU as float32."""
     if len(images) == 0:
         raise ValueError("images is empty: need at least one image (N >= 1)")
-    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if device is None:  # where the model lives; a model without parameters or buffers runs where the images are
+        tensor = next(model.parameters(), None)
+        tensor = tensor if tensor is not None else next(model.buffers(), None)
+        device = tensor.device if tensor is not None else images.device
+    device = torch.device(device)
     was_training = model.training
     model.eval()
     outputs = [fn(images[i:i + batch_size].to(device)).float().cpu() for i in range(0, len(images), batch_size)]

@@ -30,6 +30,10 @@ def image_grid(images: torch.Tensor, ncols: int = 8, titles: Sequence[str] | Non
     n = len(images)
     if n == 0:
         raise ValueError("image_grid needs at least one image")
+    if isinstance(ncols, bool) or not isinstance(ncols, int) or ncols <= 0:
+        raise ValueError(f"ncols must be a positive int, got {ncols!r}")
+    if titles is not None and len(titles) < n:
+        raise ValueError(f"titles must have one entry per image ({n}), got {len(titles)}")
     ncols = min(ncols, n)
     signed = bool(images.min() < -0.05)  # one decision for the whole grid: [-1, 1] data, or [0, 1]
     nrows = (n + ncols - 1) // ncols
@@ -49,6 +53,10 @@ def image_grid(images: torch.Tensor, ncols: int = 8, titles: Sequence[str] | Non
 
 def patch_grid(image: torch.Tensor, patch_size: int, title: str | None = None) -> plt.Figure:
     """An image (C, H, W) cut into its patches, drawn as separated tiles numbered in token order."""
+    if isinstance(patch_size, bool) or not isinstance(patch_size, int) or patch_size <= 0:
+        raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+    if image.ndim != 3:
+        raise ValueError(f"image must be one image (C, H, W), got shape {tuple(image.shape)}")
     c, h, w = image.shape
     if h % patch_size or w % patch_size:
         raise ValueError(f"image {h}x{w} is not divisible by patch_size={patch_size}")

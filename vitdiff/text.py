@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import TransformerBlock
+from .layers import TransformerBlock, _check_positive_int
 
 PAD, EOS = "<pad>", "<eos>"
 
@@ -26,6 +26,11 @@ class Tokenizer:
     """
 
     def __init__(self, vocabulary: list[str], max_length: int = 16):
+        if isinstance(vocabulary, str) or not hasattr(vocabulary, "__iter__"):
+            raise TypeError(f"vocabulary must be a list of words (strings), got {vocabulary!r}")
+        vocabulary = list(vocabulary)
+        if not all(isinstance(w, str) for w in vocabulary):
+            raise TypeError(f"vocabulary must be a list of words (strings), got {vocabulary!r}")
         words = [w.lower() for w in vocabulary]
         if len(set(words)) != len(words):
             repeated = sorted({w for w in words if words.count(w) > 1})
@@ -43,6 +48,11 @@ class Tokenizer:
     @classmethod
     def from_texts(cls, texts: list[str], max_length: int = 16) -> Tokenizer:
         """A tokenizer whose vocabulary is every word of `texts`, in order of first appearance."""
+        if isinstance(texts, str) or not hasattr(texts, "__iter__"):
+            raise TypeError(f"texts must be a list of captions (strings), got {texts!r}")
+        texts = list(texts)
+        if not all(isinstance(text, str) for text in texts):
+            raise TypeError(f"texts must be a list of captions (strings), got {texts!r}")
         words = dict.fromkeys(w for text in texts for w in text.lower().split())
         return cls(list(words), max_length)
 
@@ -58,10 +68,15 @@ class Tokenizer:
         """Captions -> ids (B, L) int64 and mask (B, L) bool (True = real token, <eos> included)."""
         if isinstance(texts, str):
             texts = [texts]
+        if not hasattr(texts, "__iter__"):
+            raise TypeError(f"texts must be a caption (str) or a list of captions, got {type(texts).__name__}")
+        texts = list(texts)
+        if not texts:
+            raise ValueError("texts is an empty list: pass at least one caption ('' is the null caption)")
         ids = torch.full((len(texts), self.max_length), self.pad_id, dtype=torch.int64)
         for row, text in enumerate(texts):
             if not isinstance(text, str):
-                raise TypeError(f"encode expects strings, got {type(text).__name__} at position {row}")
+                raise TypeError(f"texts must hold strings (captions), got {type(text).__name__} at position {row}")
             words = text.lower().split()
             if len(words) + 1 > self.max_length:
                 raise ValueError(f"caption {text!r} has {len(words)} words, but max_length={self.max_length} "
@@ -107,6 +122,9 @@ class TextEncoder(nn.Module):
     def __init__(self, vocab_size: int, max_length: int, dim: int = 128, depth: int = 2, num_heads: int = 4,
                  mlp_ratio: float = 4.0):
         super().__init__()
+        for name, value in (("vocab_size", vocab_size), ("max_length", max_length), ("dim", dim),
+                            ("depth", depth), ("num_heads", num_heads)):
+            _check_positive_int(name, value)
         self.vocab_size, self.max_length, self.dim = vocab_size, max_length, dim
         self.config = dict(vocab_size=vocab_size, max_length=max_length, dim=dim, depth=depth,
                            num_heads=num_heads, mlp_ratio=mlp_ratio)
@@ -121,6 +139,9 @@ class TextEncoder(nn.Module):
         """ids (B, L) int64, mask (B, L) bool (default ids != 0) -> tokens (B, L, D), mask, pooled (B, D)."""
         if ids.ndim != 2 or ids.dtype not in (torch.int32, torch.int64):
             raise ValueError(f"ids must be integer token ids of shape (B, L), got {ids.dtype} {tuple(ids.shape)}")
+        if ids.shape[0] == 0 or ids.shape[1] == 0:
+            raise ValueError(f"ids must hold at least one caption of at least one token, got shape "
+                             f"{tuple(ids.shape)}")
         if ids.shape[1] > self.max_length:
             raise ValueError(f"ids have length {ids.shape[1]}, more than max_length={self.max_length}")
         if ids.min() < 0 or ids.max() >= self.vocab_size:

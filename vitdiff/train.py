@@ -12,7 +12,9 @@ depends only on the seed and s), or a callable `step -> batch` for data made on 
 from __future__ import annotations
 
 import copy
+import json
 import math
+import os
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
@@ -24,7 +26,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .budget import get_device
-from .checkpoint import load_checkpoint, save_checkpoint
+from .checkpoint import load_checkpoint, read_config, save_checkpoint
 
 Batch = tuple[torch.Tensor, ...]
 
@@ -50,16 +52,59 @@ class TrainConfig:
     seed: int = 0
 
     def __post_init__(self):
-        if not isinstance(self.steps, int) or self.steps <= 0:
-            raise ValueError(f"steps must be a positive int, got {self.steps!r}")
-        if not isinstance(self.batch_size, int) or self.batch_size <= 0:
-            raise ValueError(f"batch_size must be a positive int, got {self.batch_size!r}")
-        if self.lr <= 0:
-            raise ValueError(f"lr must be positive, got {self.lr!r}")
-        if not 0 <= self.warmup_steps <= self.steps:
+        for name, low, note in (("steps", 1, ""), ("batch_size", 1, ""), ("warmup_steps", 0, ""),
+                                ("eval_every", 0, " (0: only at the end)"),
+                                ("checkpoint_every", 0, " (0: only at the end)"), ("seed", 0, "")):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < low:
+                kind = "a positive int" if low else "a non-negative int"
+                raise ValueError(f"{name} must be {kind}{note}, got {value!r}")
+        if not _is_number(self.lr) or not 0 < self.lr < math.inf:
+            raise ValueError(f"lr must be a finite positive number, got {self.lr!r}")
+        if not _is_number(self.weight_decay) or not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be a finite number >= 0, got {self.weight_decay!r}")
+        if (not isinstance(self.betas, (tuple, list)) or len(self.betas) != 2
+                or not all(_is_number(b) and 0 <= b < 1 for b in self.betas)):
+            raise ValueError(f"betas must be two numbers in [0, 1) (Adam's beta1, beta2), got {self.betas!r}")
+        if not self.warmup_steps <= self.steps:
             raise ValueError(f"warmup_steps must be in [0, steps={self.steps}], got {self.warmup_steps!r}")
-        if self.ema_decay is not None and not 0 < self.ema_decay < 1:
+        if not _is_number(self.min_lr_ratio) or not 0 <= self.min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be a number in [0, 1] (the final LR over lr), "
+                             f"got {self.min_lr_ratio!r}")
+        if self.grad_clip is not None and (not _is_number(self.grad_clip) or not 0 < self.grad_clip < math.inf):
+            raise ValueError(f"grad_clip must be a finite positive max-norm, or None for no clipping, "
+                             f"got {self.grad_clip!r}")
+        if self.ema_decay is not None and (not _is_number(self.ema_decay) or not 0 < self.ema_decay < 1):
             raise ValueError(f"ema_decay must be in (0, 1) or None, got {self.ema_decay!r}")
+        for name in ("amp", "channels_last"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if isinstance(self.checkpoint_dir, os.PathLike):
+            self.checkpoint_dir = os.fspath(self.checkpoint_dir)  # a Path is fine; stored as str (JSON)
+        if self.checkpoint_dir is not None and (not isinstance(self.checkpoint_dir, str) or not self.checkpoint_dir):
+            raise ValueError(f"checkpoint_dir must be a folder path or None, got {self.checkpoint_dir!r}")
+
+
+def _is_number(value: object) -> bool:
+    """True for an int or float that is not a bool (NaN included: range checks then refuse it)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+# TrainConfig fields a resumed run may change: `steps` (the LR schedule is re-planned) and those that
+# change neither the recipe nor the data order. Any other difference is refused.
+RESUMABLE_CHANGES = ("steps", "eval_every", "checkpoint_every", "checkpoint_dir", "amp", "channels_last")
+
+
+def _check_resumable(saved: dict[str, Any], config: TrainConfig, directory: Path) -> None:
+    """Raise a ValueError listing the recipe fields in which `config` differs from the checkpoint's."""
+    current = json.loads(json.dumps(asdict(config)))  # tuples -> lists, as in the saved JSON
+    differ = [f"{name}: checkpoint {saved[name]!r}, now {value!r}" for name, value in current.items()
+              if name not in RESUMABLE_CHANGES and name in saved and saved[name] != value]
+    if differ:
+        raise ValueError(f"checkpoint_dir {str(directory)!r} holds a run with another recipe, so it cannot be "
+                         f"resumed with this config; differing fields: {'; '.join(differ)}. Use the "
+                         f"checkpoint's values or a new checkpoint_dir (a resumed run may change only "
+                         f"{', '.join(RESUMABLE_CHANGES[:-1])} and {RESUMABLE_CHANGES[-1]})")
 
 
 @dataclass
@@ -102,9 +147,15 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float = 0.0) -> flo
 
 def tensor_batches(data: Sequence[torch.Tensor], batch_size: int, seed: int) -> Callable[[int], Batch]:
     """A function step -> batch over tensors sharing dim 0, epoch-wise shuffled, reproducible from (seed, step)."""
+    if not data or not all(isinstance(t, torch.Tensor) and t.ndim >= 1 for t in data):
+        raise ValueError("data must be a non-empty tuple of tensors sharing their first dimension, e.g. (images,)")
     n = data[0].shape[0]
     if any(t.shape[0] != n for t in data):
         raise ValueError(f"all data tensors must share their first dimension, got {[t.shape[0] for t in data]}")
+    if n == 0:
+        raise ValueError(f"data is empty: its tensors have 0 examples (shapes {[tuple(t.shape) for t in data]})")
+    if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size <= 0:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     batch_size = min(batch_size, n)
     per_epoch = n // batch_size
     cache: dict[int, torch.Tensor] = {}
@@ -156,9 +207,20 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], Any],
     `parameters` restricts optimisation to a subset (e.g. a linear probe on a frozen backbone).
     A fresh run seeds the global torch RNG with `config.seed` (loss_fn's noise draws come from it), so the
     same config gives the same run; a resumed run restores the saved RNG state instead.
+
+    Resuming with a changed config: a finished run resumed with the same `steps` returns at once with
+    the loaded weights and history (no second evaluation). A different `steps` (at least the step
+    reached) re-plans the LR schedule: from the checkpoint's step s on, the LR is the one a fresh run
+    with the new `steps` would use, lr · lr_factor(s, steps, warmup_steps, min_lr_ratio); so extending a
+    finished 10-step run to 20 steps continues at half the peak LR (the cosine's midpoint), not at 0.
+    `eval_every`, `checkpoint_every`, `checkpoint_dir`, `amp` and `channels_last` may change freely;
+    any other difference (batch size, LR, warmup, seed, ...) raises a ValueError listing the fields.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
+    if not callable(data) and (isinstance(data, torch.Tensor) or not isinstance(data, (tuple, list))):
+        raise TypeError(f"data must be a tuple of tensors sharing their first dimension, e.g. (images, labels) "
+                        f"or (images,), or a callable step -> batch; got {type(data).__name__}")
     device = get_device(device)
     model.to(device)
     if config.channels_last and device.type == "cuda":
@@ -182,18 +244,35 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], Any],
     history, start = History(), 0
     ckpt = Path(config.checkpoint_dir) if config.checkpoint_dir else None
     if ckpt is not None and ((ckpt / "config.json").exists() or ckpt.with_name(ckpt.name + ".old").is_dir()):
+        saved = read_config(ckpt)
+        saved_config = saved["extra"].get("train_config")
+        if saved_config is not None:
+            _check_resumable(saved_config, config, ckpt)
+        if saved["step"] > config.steps:
+            raise ValueError(f"steps={config.steps} is below the {saved['step']} steps the checkpoint in "
+                             f"{str(ckpt)!r} has already trained; pass steps >= {saved['step']}, or a new "
+                             "checkpoint_dir for a shorter run")
         meta = load_checkpoint(ckpt, model, optimizer=optimizer, scheduler=scheduler, ema=ema)
         start = meta["step"]
         history = History(**meta["extra"].get("history", {}))
+        saved_steps = saved_config["steps"] if saved_config is not None else config.steps
+        if meta["extra"].get("finished", start >= saved_steps) and start == config.steps:
+            model.eval()  # a finished run, resumed as it was: nothing more to train or evaluate
+            return TrainResult(model=model, ema=ema, history=history, interrupted=False)
+        if saved_steps != config.steps:  # re-plan the LR schedule for the new length (see the docstring)
+            factor = lr_factor(start, config.steps, config.warmup_steps, config.min_lr_ratio)
+            for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
+                group["lr"] = base_lr * factor
         if meta["rng"] is not None:
             _set_rng_state(meta["rng"], device)
     else:
         torch.manual_seed(config.seed)
 
-    def checkpoint(step: int, rng: dict[str, Any] | None = None) -> None:
+    def checkpoint(step: int, rng: dict[str, Any] | None = None, finished: bool = False) -> None:
         if ckpt is not None:
             save_checkpoint(ckpt, model, step=step, optimizer=optimizer, scheduler=scheduler, ema=ema,
-                            extra={"train_config": asdict(config), "history": asdict(history)},
+                            extra={"train_config": asdict(config), "history": asdict(history),
+                                   "finished": finished},
                             rng=rng if rng is not None else _rng_state(device))
 
     def record(step: int, loss: torch.Tensor, lr: float, extra: dict, batch: Any) -> None:
@@ -275,6 +354,6 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], Any],
     history.seconds += time.perf_counter() - tic
     if not interrupted:
         evaluate(step)
-        checkpoint(step)
+        checkpoint(step, finished=True)
     model.eval()
     return TrainResult(model=model, ema=ema, history=history, interrupted=interrupted)

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .layers import _check_positive_int
 from .unet import Downsample, ResBlock, SpatialTransformer, Upsample, group_norm
 
 
@@ -149,8 +150,9 @@ class VAE(nn.Module):
                             ("base_channels", base_channels), ("num_res_blocks", num_res_blocks)):
             if not isinstance(value, int) or value <= 0:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        if not scaling_factor > 0:
-            raise ValueError(f"scaling_factor must be positive, got {scaling_factor!r}")
+        if not 0 < scaling_factor < math.inf:
+            raise ValueError(f"scaling_factor must be a finite positive number, got {scaling_factor!r}")
+        _check_positive_int("groups", groups)
         self.in_channels, self.latent_channels = in_channels, latent_channels
         self.downsample_factor = 2 ** (len(channel_mult) - 1)
         self.config = dict(in_channels=in_channels, latent_channels=latent_channels, base_channels=base_channels,
@@ -290,9 +292,12 @@ def vae_loss(model: nn.Module, batch: torch.Tensor | tuple[torch.Tensor, ...], b
     """
     if recon not in ("mse", "l1"):
         raise ValueError(f"recon must be 'mse' or 'l1', got {recon!r}")
-    if beta < 0:
-        raise ValueError(f"beta must be >= 0, got {beta!r}")
+    if isinstance(beta, bool) or not isinstance(beta, (int, float)) or not 0 <= beta < math.inf:
+        raise ValueError(f"beta must be a finite number >= 0 (the weight of the KL term), got {beta!r}")
     x = batch[0] if isinstance(batch, (tuple, list)) else batch
+    if not isinstance(x, torch.Tensor) or x.ndim < 1 or x.shape[0] == 0:
+        raise ValueError(f"batch must hold a non-empty batch of images (B >= 1, C, H, W), got "
+                         f"{tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__}")
     x_hat, posterior = model(x)
     error = x_hat.float() - x.float()  # (B, C, H, W)
     per_pixel = error**2 if recon == "mse" else error.abs()

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .layers import PatchEmbed, TransformerBlock, get_2d_sincos_pos_embed
+from .layers import PatchEmbed, TransformerBlock, _check_positive_int, get_2d_sincos_pos_embed
 
 
 class ViT(nn.Module):
@@ -26,6 +26,13 @@ class ViT(nn.Module):
             raise ValueError(f"pos_embed must be 'learn' or 'sincos', got {pos_embed!r}")
         if global_pool == "token" and not class_token:
             raise ValueError("global_pool='token' needs class_token=True")
+        _check_positive_int("depth", depth)
+        _check_positive_int("embed_dim", embed_dim)
+        if isinstance(num_classes, bool) or not isinstance(num_classes, int) or num_classes < 0:
+            raise ValueError(f"num_classes must be a non-negative int (0: no head, features only), "
+                             f"got {num_classes!r}")
+        if isinstance(mlp_ratio, bool) or not isinstance(mlp_ratio, (int, float)) or not mlp_ratio > 0:
+            raise ValueError(f"mlp_ratio must be a positive number, got {mlp_ratio!r}")
         self.img_size, self.in_chans, self.num_classes = img_size, in_chans, num_classes
         self.embed_dim, self.global_pool = embed_dim, global_pool
         self.config = dict(img_size=img_size, patch_size=patch_size, in_chans=in_chans, num_classes=num_classes,
@@ -101,6 +108,12 @@ def attention_rollout(maps: list[torch.Tensor], residual: bool = True) -> torch.
     """
     if not maps:
         raise ValueError("attention_rollout needs at least one attention map")
+    first = maps[0]
+    for i, weights in enumerate(maps):
+        if (weights.ndim != 4 or first.ndim != 4 or weights.shape[-1] != weights.shape[-2]
+                or (weights.shape[0], weights.shape[-1]) != (first.shape[0], first.shape[-1])):
+            raise ValueError(f"maps must all be (B, heads, T, T) with the same B and T, as ViT.attention_maps "
+                             f"returns; maps[0] is {tuple(first.shape)}, maps[{i}] is {tuple(weights.shape)}")
     rollout = None
     for weights in maps:
         a = weights.mean(dim=1)  # (B, T, T)
