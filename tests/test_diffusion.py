@@ -176,6 +176,24 @@ def test_diffusion_loss_is_the_mse_to_the_target():
     assert weight.grad is not None and seen["t"].shape == (4,)
 
 
+def test_diffusion_loss_draws_t_uniformly_from_all_of_0_to_T_minus_1():
+    s, n = NoiseSchedule(4), 8000
+    seen = []
+
+    def recorder(x, t):
+        seen.append(t)
+        return torch.zeros_like(x)
+
+    torch.manual_seed(1)
+    for _ in range(4):
+        diffusion_loss(recorder, s, torch.zeros(n // 4, 1))
+    t = torch.cat(seen)
+    counts = torch.bincount(t, minlength=6)
+    assert t.dtype == torch.int64 and counts[4:].sum() == 0  # never T or beyond
+    # each of 0..3 with probability 1/4: the counts lie within 5 standard deviations of n/4 (t = 0 included)
+    assert ((counts[:4] - n / 4).abs() < 5 * math.sqrt(n * 0.25 * 0.75)).all(), counts
+
+
 # ----------------------------------------------------------------------------- timesteps and samplers
 
 

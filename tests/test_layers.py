@@ -419,6 +419,17 @@ def test_timestep_embedder_shape():
     assert not torch.allclose(out[0], out[1])
 
 
+def test_timestep_embedder_is_linear_silu_linear_on_the_sinusoidal_features():
+    embedder = TimestepEmbedder(hidden_size=4, frequency_embedding_size=4)
+    with torch.no_grad():  # hand-set: both linears the identity, the first shifted by -0.5
+        for layer, bias in ((embedder.mlp[0], -0.5), (embedder.mlp[2], 0.0)):
+            layer.weight.copy_(torch.eye(4))
+            layer.bias.fill_(bias)
+    t = torch.tensor([0.0, 3.0, 250.0])
+    expected = torch.nn.functional.silu(timestep_embedding(t, 4) - 0.5)  # cos(0) - 0.5 = 0.5 -> silu(0.5), ...
+    torch.testing.assert_close(embedder(t), expected)
+
+
 def test_attention_and_patch_embed_reject_malformed_arguments():
     with pytest.raises(ValueError, match="num_heads"):
         Attention(16, num_heads=0)

@@ -131,6 +131,52 @@ def test_resblock_without_embedding():
         ResBlock(4, 8, emb_dim=16, groups=4)(x)
 
 
+def _hand_set_resblock(channels: int = 2, emb_dim: int = 2) -> ResBlock:
+    """A ResBlock whose last conv is the identity (3×3 kernel with 1 at the centre), so that its output is
+    x + silu(h·(1 + scale) + shift) with h = norm2(conv1(silu(norm1(x)))) and [scale, shift] = emb_proj(silu(emb))."""
+    torch.manual_seed(0)
+    block = ResBlock(channels, channels, emb_dim=emb_dim, groups=1)
+    with torch.no_grad():
+        block.conv2.weight.zero_()
+        block.conv2.weight[range(channels), range(channels), 1, 1] = 1.0
+        block.conv2.bias.zero_()
+    return block
+
+
+def _normalised_features(block: ResBlock, x: torch.Tensor) -> torch.Tensor:
+    """h = norm2(conv1(silu(norm1(x)))): the features the embedding modulates."""
+    return block.norm2(block.conv1(torch.nn.functional.silu(block.norm1(x))))
+
+
+def test_resblock_modulation_is_h_times_one_plus_scale_plus_shift():
+    block, x = _hand_set_resblock(), torch.randn(3, 2, 5, 5)
+    scale, shift = torch.tensor([0.5, -0.25]), torch.tensor([0.3, -0.7])
+    with torch.no_grad():
+        block.emb_proj.weight.zero_()  # emb_proj(·) = bias = [scale, shift]: the first half is the scale
+        block.emb_proj.bias.copy_(torch.cat([scale, shift]))
+    h = _normalised_features(block, x)
+    expected = x + torch.nn.functional.silu(h * (1 + scale[:, None, None]) + shift[:, None, None])
+    torch.testing.assert_close(block(x, torch.randn(3, 2)), expected)
+    # scale = -1 removes the features entirely: what is left is x + silu(shift), whatever x does to h
+    with torch.no_grad():
+        block.emb_proj.bias.copy_(torch.cat([-torch.ones(2), shift]))
+    torch.testing.assert_close(block(x, torch.randn(3, 2)), x + torch.nn.functional.silu(shift)[:, None, None])
+    # a zero projection leaves the features unmodulated (the "1 +": scale 0 means "keep h")
+    with torch.no_grad():
+        block.emb_proj.bias.zero_()
+    torch.testing.assert_close(block(x, torch.randn(3, 2)), x + torch.nn.functional.silu(h))
+
+
+def test_resblock_embedding_passes_through_silu_before_its_projection():
+    block, x = _hand_set_resblock(), torch.randn(2, 2, 4, 4)
+    emb = torch.tensor([[-2.0, 1.5], [0.7, -0.4]])
+    with torch.no_grad():  # scale = -1 (features removed), shift = silu(emb): output = x + silu(silu(emb))
+        block.emb_proj.weight.copy_(torch.cat([torch.zeros(2, 2), torch.eye(2)]))
+        block.emb_proj.bias.copy_(torch.tensor([-1.0, -1.0, 0.0, 0.0]))
+    expected = x + torch.nn.functional.silu(torch.nn.functional.silu(emb))[:, :, None, None]
+    torch.testing.assert_close(block(x, emb), expected)
+
+
 def test_clear_errors():
     plain = UNet(**TINY)
     x, t = torch.randn(2, 1, 16, 16), torch.tensor([1, 2])

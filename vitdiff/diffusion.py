@@ -34,6 +34,11 @@ def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
         raise ValueError(f"{name} must be one of {choices}, got {value!r}")
 
 
+def _check_eta(eta: float) -> None:
+    if isinstance(eta, bool) or not isinstance(eta, (int, float)) or not 0 <= eta < math.inf:
+        raise ValueError(f"eta must be a finite number >= 0 (0: deterministic DDIM, 1: DDPM-like), got {eta!r}")
+
+
 def _check_same_shape(name: str, x: torch.Tensor, ref_name: str, ref: torch.Tensor) -> None:
     if x.shape != ref.shape:
         raise ValueError(f"{name} must have the shape of {ref_name} {tuple(ref.shape)}, got {tuple(x.shape)}")
@@ -203,6 +208,9 @@ def diffusion_loss(model: Denoiser, schedule: NoiseSchedule, x0: torch.Tensor, p
                    t: torch.Tensor | None = None, noise: torch.Tensor | None = None, **cond) -> torch.Tensor:
     """Denoising loss: E_{t, ε} ||model(x_t, t) - target||², t ~ U{0..T-1} and ε ~ N(0, I) unless given."""
     _check_choice("prediction", prediction, PREDICTIONS)
+    if not isinstance(x0, torch.Tensor) or x0.ndim < 1 or x0.shape[0] == 0:
+        raise ValueError(f"x0 must be a non-empty batch (B >= 1, ...), got "
+                         f"{tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__}")
     b = x0.shape[0]
     if t is None:
         t = torch.randint(0, schedule.num_timesteps, (b,), device=x0.device)
@@ -223,25 +231,48 @@ def _check_step(schedule: NoiseSchedule, t: int, name: str = "t", low: int = 0) 
         raise ValueError(f"{name} must be an int in [{low}, {schedule.num_timesteps - 1}], got {t!r}")
 
 
+def split_learned_variance(model_output: torch.Tensor, x: torch.Tensor
+                           ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(prediction, v) from a model output shaped like x (v = None) or with 2C channels (B, 2C, ...) = [pred; v].
+
+    v is the learned variance interpolation of Nichol & Dhariwal (2021) that DiT outputs with learn_sigma:
+    log σ_t² = frac · log β_t + (1 - frac) · log β̃_t with frac = (v + 1) / 2, so v = 1 gives β_t, v = -1 β̃_t.
+    """
+    if x.ndim >= 2 and model_output.ndim == x.ndim and model_output.shape[0] == x.shape[0] \
+            and model_output.shape[1] == 2 * x.shape[1] and model_output.shape[2:] == x.shape[2:]:
+        prediction, v = model_output.chunk(2, dim=1)  # (B, C, ...) each
+        return prediction, v
+    if model_output.shape != x.shape:
+        raise ValueError(f"model output must have the shape of x {tuple(x.shape)}, or twice its channels "
+                         f"(prediction and learned variance), got {tuple(model_output.shape)}")
+    return model_output, None
+
+
 def ddpm_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, x_t: torch.Tensor,
               noise: torch.Tensor | None, variance: str = "small", clip_x0: bool = True,
               prediction: str = "epsilon") -> torch.Tensor:
     """One ancestral step x_t -> x_{t-1} ~ N(μ̃(x̂0, x_t), σ_t²) (Ho et al. Algorithm 2, written via x̂0).
 
     variance "small" uses σ_t² = β̃_t (posterior variance), "large" σ_t² = β_t. clip_x0 clamps x̂0 to [-1, 1].
-    noise ~ N(0, I) shaped like x_t is needed for t > 0; at t = 0 the step returns the mean.
+    A model output with 2C channels carries its own variance (`split_learned_variance`), which then
+    replaces `variance`. noise ~ N(0, I) shaped like x_t is needed for t > 0; at t = 0 the step returns the mean.
     """
     _check_step(schedule, t)
     _check_choice("variance", variance, VARIANCES)
+    model_output, v = split_learned_variance(model_output, x_t)
     x0 = schedule.predict_x0(x_t, t, model_output, prediction)
     if clip_x0:
         x0 = x0.clamp(-1, 1)
-    mean, posterior_variance, _ = schedule.q_posterior(x0, x_t, t)  # μ̃ = coef1 x̂0 + coef2 x_t
+    mean, posterior_variance, posterior_log_variance = schedule.q_posterior(x0, x_t, t)  # μ̃, β̃_t, log β̃_t
     if t == 0:
         return mean
     if noise is None:
         raise ValueError(f"noise is required for a DDPM step at t={t} > 0, got None")
     _check_same_shape("noise", noise, "x_t", x_t)
+    if v is not None:  # learned range: interpolate log β̃_t (v = -1) and log β_t (v = 1)
+        frac = (v + 1) / 2
+        log_var = frac * schedule._at(schedule.betas, t, x_t).log() + (1 - frac) * posterior_log_variance
+        return mean + (0.5 * log_var).exp() * noise
     var = posterior_variance if variance == "small" else schedule._at(schedule.betas, t, x_t)
     return mean + var.sqrt() * noise
 
@@ -253,14 +284,14 @@ def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, t_pre
 
     x_prev = sqrt(ᾱ_prev) x̂0 + sqrt(1 - ᾱ_prev - σ²) ε̂ + σ z, σ = eta · sqrt((1-ᾱ_prev)/(1-ᾱ_t) (1 - ᾱ_t/ᾱ_prev)).
     eta = 0 is deterministic; eta = 1 with t_prev = t - 1 is the DDPM step. ε̂ comes from the unclipped x̂0,
-    as in diffusers (use_clipped_model_output=False).
+    as in diffusers (use_clipped_model_output=False). Of a 2C-channel output only the prediction half is used.
     """
     _check_step(schedule, t)
     _check_step(schedule, t_prev, "t_prev", low=-1)
+    model_output, _ = split_learned_variance(model_output, x_t)
     if t_prev >= t:
         raise ValueError(f"t_prev must be smaller than t={t}, got {t_prev}")
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta!r}")
+    _check_eta(eta)
     x0 = schedule.predict_x0(x_t, t, model_output, prediction)
     eps = schedule.predict_eps(x_t, t, model_output, prediction)
     if clip_x0:
@@ -303,16 +334,30 @@ def _initial_noise(schedule: NoiseSchedule, shape: tuple[int, ...], x_T: torch.T
                    start_t: int | None, generator: torch.Generator | None) -> tuple[torch.Tensor, int]:
     """The starting point of the reverse process: (x at step start_t, start_t); pure noise at T-1 by default."""
     device = schedule.betas.device
+    if not all(isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in shape):
+        raise ValueError(f"shape must be a tuple of positive ints (B, ...), got {shape!r}")
     if x_T is None:
         if start_t is not None:
             raise ValueError(f"start_t={start_t} needs x_T, the image already noised to step start_t")
         return _randn(tuple(shape), generator, device), schedule.num_timesteps - 1
     if tuple(x_T.shape) != tuple(shape):
         raise ValueError(f"x_T must have the sample shape {tuple(shape)}, got {tuple(x_T.shape)}")
+    if x_T.device != device:
+        raise ValueError(f"x_T is on {x_T.device} but the schedule is on {device}; the samplers run on the "
+                         f"schedule's device: call schedule.to({str(x_T.device)!r}) (and the model), "
+                         "or move x_T")
     if start_t is None:
         return x_T.to(device), schedule.num_timesteps - 1
     _check_step(schedule, start_t, "start_t")
     return x_T.to(device), start_t
+
+
+def _check_model_device(model: Denoiser, device: torch.device) -> None:
+    """A model (nn.Module with parameters) must live on the schedule's device, where the samplers run."""
+    param = next(model.parameters(), None) if isinstance(model, nn.Module) else None
+    if param is not None and param.device != device:
+        raise ValueError(f"the model is on {param.device} but the schedule is on {device}; the samplers run on "
+                         f"the schedule's device: move both with .to(device)")
 
 
 def _prepare_known(known: torch.Tensor | None, known_mask: torch.Tensor | None, x: torch.Tensor
@@ -347,7 +392,7 @@ def _paste_known(schedule: NoiseSchedule, x: torch.Tensor, known: torch.Tensor |
 def _denoise(model: Denoiser, x: torch.Tensor, t: int, cond: dict) -> torch.Tensor:
     """Call the denoiser at the integer step t, broadcast to an int64 (B,) tensor, and check its output."""
     output = model(x, torch.full((x.shape[0],), t, dtype=torch.long, device=x.device), **cond)
-    _check_same_shape("model output", output, "x", x)
+    split_learned_variance(output, x)  # shaped like x, or [prediction; learned variance]
     return output
 
 
@@ -365,6 +410,7 @@ def ddpm_sample(model: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...]
     _check_choice("variance", variance, VARIANCES)
     _check_choice("prediction", prediction, PREDICTIONS)
     x, start = _initial_noise(schedule, shape, x_T, start_t, generator)
+    _check_model_device(model, x.device)
     known, mask = _prepare_known(known, known_mask, x)
     for t in tqdm(range(start, -1, -1), desc="DDPM", disable=not progress, leave=False):
         output = _denoise(model, x, t, cond)
@@ -389,9 +435,9 @@ def ddim_sample(model: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...]
     the sequence is start_t followed by the sub-sequence's timesteps below it. Extras as in `ddpm_sample`.
     """
     _check_choice("prediction", prediction, PREDICTIONS)
-    if eta < 0:
-        raise ValueError(f"eta must be >= 0, got {eta!r}")
+    _check_eta(eta)
     x, start = _initial_noise(schedule, shape, x_T, start_t, generator)
+    _check_model_device(model, x.device)
     known, mask = _prepare_known(known, known_mask, x)
     ts = timesteps_for(schedule.num_timesteps, steps, spacing).tolist()
     if start_t is not None:
@@ -425,16 +471,32 @@ def classifier_free_guidance(model: Denoiser, scale: float, uncond: dict[str, to
 
     uncond holds the null condition for every conditioning keyword (e.g. {"y": null labels} or
     {"context": ..., "context_mask": ...}), batch 1 or B; a negative prompt is passed as uncond.
-    scale 1 gives the conditional prediction, scale 0 the unconditional one.
+    scale 1 gives the conditional prediction, scale 0 the unconditional one. A keyword passed as None
+    counts as not passed (as the models read it), on either side. For an output with a learned variance
+    (2C channels, e.g. a DiT with learn_sigma) only the prediction is guided; the variance is the conditional one.
     """
     if isinstance(scale, bool) or not isinstance(scale, (int, float)):
         raise TypeError(f"scale must be a number, got {type(scale).__name__}")
-    if not isinstance(uncond, dict) or not uncond:
+    if not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite number (1: conditional, 0: unconditional), got {scale!r}")
+    if not isinstance(uncond, dict) or not any(u is not None for u in uncond.values()):
         raise ValueError(f"uncond must be a non-empty dict of null condition tensors, got {uncond!r}")
+    uncond = {key: u for key, u in uncond.items() if u is not None}
+    for key, u in uncond.items():
+        if not isinstance(u, torch.Tensor) or u.ndim == 0:
+            raise TypeError(f"uncond[{key!r}] must be a tensor with a batch dimension, got {u!r}")
 
     def guided(x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        cond = {key: c for key, c in cond.items() if c is not None}
         if set(cond) != set(uncond):
-            raise ValueError(f"the condition keywords {sorted(cond)} must match uncond's {sorted(uncond)}")
+            only_u, only_c = sorted(set(uncond) - set(cond)), sorted(set(cond) - set(uncond))
+            raise ValueError(f"the condition keywords must match uncond's {sorted(uncond)}: "
+                             + (f"{only_u} are in uncond but were not passed (or passed as None); " if only_u else "")
+                             + (f"{only_c} were passed but are not in uncond; " if only_c else "")
+                             + "give both halves the same keywords (e.g. an all-True context_mask)")
+        for key, c in cond.items():
+            if not isinstance(c, torch.Tensor) or c.ndim == 0:
+                raise TypeError(f"the condition {key} must be a tensor with a batch dimension, got {c!r}")
         b = x.shape[0]
         t = torch.as_tensor(t, device=x.device).expand(b)  # (B,)
         both = {}
@@ -447,6 +509,9 @@ def classifier_free_guidance(model: Denoiser, scale: float, uncond: dict[str, to
                                  f"(or batch size 1), got {tuple(uncond[key].shape)}")
             both[key] = torch.cat([c, u])  # (2B, ...)
         out_c, out_u = model(torch.cat([x, x]), torch.cat([t, t]), **both).chunk(2)
+        if out_c.shape != x.shape and split_learned_variance(out_c, x)[1] is not None:
+            c = x.shape[1]  # learned variance (DiT): guide the prediction, keep the conditional variance
+            return torch.cat([out_u[:, :c] + scale * (out_c[:, :c] - out_u[:, :c]), out_c[:, c:]], dim=1)
         return out_u + scale * (out_c - out_u)
 
     return guided

@@ -1,9 +1,11 @@
 """Weights from widely used libraries into vitdiff models, so each can be checked number-for-number.
 
 - `vit_from_timm(model)`: a timm `VisionTransformer` -> `vitdiff.vit.ViT` with the same weights (chapter 03).
+- `dit_from_official(state_dict, num_heads)`: a facebookresearch/DiT state_dict (e.g. the published
+  DiT-XL-2-256x256.pt) -> `vitdiff.dit.DiT` (chapter 07).
+- `dit_from_diffusers(model)`: a diffusers `DiTTransformer2DModel` -> `vitdiff.dit.DiT` (chapter 07).
 
 Planned with later chapters (not in the package yet):
-- `dit_from_diffusers(model)`: a diffusers `DiTTransformer2DModel` -> `vitdiff.dit.DiT`; comes with chapter 07.
 - `mmdit_from_diffusers(model)`: a diffusers `SD3Transformer2DModel` -> `vitdiff.mmdit.MMDiT`; comes with
   chapter 09.
 
@@ -13,8 +15,15 @@ not carried over, so compare the two models in `eval()` mode.
 
 from __future__ import annotations
 
+import math
+import re
+from collections.abc import Mapping
+
+import torch
 from torch import nn
 
+from .dit import DiT
+from .layers import get_2d_sincos_pos_embed
 from .vit import ViT
 
 
@@ -133,3 +142,176 @@ def vit_from_timm(model: nn.Module) -> ViT:
     vit.load_state_dict(state)  # strict: every vitdiff weight is set
     reference = model.patch_embed.proj.weight
     return vit.to(device=reference.device, dtype=reference.dtype).train(model.training)
+
+
+# ----------------------------------------------------------------------------- DiT (chapter 07)
+
+
+def _split_qkv(state: dict[str, torch.Tensor], prefix: str, q: torch.Tensor, kv: torch.Tensor,
+               kind: str) -> None:
+    """Set vitdiff's `{prefix}.q.{kind}` (D, ...) and `{prefix}.kv.{kind}` (2D, ...) = [k; v]."""
+    state[f"{prefix}.q.{kind}"], state[f"{prefix}.kv.{kind}"] = q, kv
+
+
+def _dit_state_dict(model: DiT, source: Mapping[str, torch.Tensor], rename: dict[str, str],
+                    what: str) -> dict[str, torch.Tensor]:
+    """vitdiff DiT tensors from `source`: each vitdiff name not in `rename` has the same name in the source."""
+    state, missing = {}, []
+    for name in model.state_dict():
+        if name in rename or name.split(".attn.")[-1] not in ("q.weight", "q.bias", "kv.weight", "kv.bias"):
+            key = rename.get(name, name)
+            if key not in source:
+                missing.append(key)
+            else:
+                state[name] = source[key]
+    if missing:
+        raise ValueError(f"{what}: the state_dict lacks {missing[:6]}" + (" ..." if len(missing) > 6 else ""))
+    return state
+
+
+def _learn_sigma(out_channels: int, in_channels: int, what: str) -> bool:
+    """True when the output has 2C channels (noise and variance), False for C; anything else is an error."""
+    if out_channels not in (in_channels, 2 * in_channels):
+        raise ValueError(f"{what}: {out_channels} output channels for {in_channels} input channels; "
+                         f"vitdiff's DiT has C (learn_sigma=False) or 2C (learn_sigma=True)")
+    return out_channels == 2 * in_channels
+
+
+def _load_dit(model: DiT, state: dict[str, torch.Tensor], what: str) -> None:
+    """Strict load with a ValueError naming the tensors that do not fit."""
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as error:
+        raise ValueError(f"{what}: the weights do not fit a DiT with config {model.config}: {error}") from None
+
+
+def dit_from_official(state_dict: Mapping[str, torch.Tensor], num_heads: int = 16,
+                      num_classes: int | None = None, class_dropout_prob: float = 0.1) -> DiT:
+    """A vitdiff DiT with the weights of a facebookresearch/DiT state_dict, in eval mode.
+
+    Every hyper-parameter except num_heads (DiT-S/B/L/XL: 6, 12, 16, 16) is read from tensor shapes:
+    patch size and channels from x_embedder, input_size from pos_embed, depth from the blocks, mlp_ratio
+    from mlp.fc1, learn_sigma from final_layer.linear. The label table has num_classes rows, plus one for
+    the null class when the model was trained with label dropout; every published DiT was, so with
+    num_classes=None the last row is taken as the null class. class_dropout_prob only matters for training.
+    """
+    if not isinstance(state_dict, Mapping) or "x_embedder.proj.weight" not in state_dict:
+        keys = list(state_dict)[:5] if isinstance(state_dict, Mapping) else type(state_dict).__name__
+        raise ValueError("dit_from_official expects a facebookresearch/DiT state_dict with keys like "
+                         f"'x_embedder.proj.weight' (for a training checkpoint pass checkpoint['ema']), got {keys}")
+    what = "dit_from_official"
+    source = dict(state_dict)
+    proj = source["x_embedder.proj.weight"]  # (D, C, P, P)
+    hidden, in_channels, patch = proj.shape[0], proj.shape[1], proj.shape[2]
+    tokens = source["pos_embed"].shape[-2] if "pos_embed" in source else None
+    if tokens is None or math.isqrt(tokens) ** 2 != tokens:
+        raise ValueError(f"{what}: need pos_embed (1, N, D) with a square number of tokens N, got N={tokens}")
+    depth = len({m.group(1) for k in source if (m := re.match(r"blocks\.(\d+)\.", k))})
+    out_channels, rem = divmod(source["final_layer.linear.weight"].shape[0], patch * patch)
+    if rem:
+        raise ValueError(f"{what}: final_layer.linear has {out_channels * patch * patch + rem} outputs, "
+                         f"not a multiple of patch_size²={patch * patch}")
+    rows = source["y_embedder.embedding_table.weight"].shape[0]
+    if num_classes is None:
+        num_classes = rows - 1
+    elif rows == num_classes:
+        class_dropout_prob = 0.0  # trained without label dropout: no null class
+    elif rows != num_classes + 1:
+        raise ValueError(f"{what}: the label table has {rows} rows, which fits neither num_classes={num_classes} "
+                         f"nor num_classes + 1 (with the null class)")
+    if rows == num_classes + 1 and not class_dropout_prob > 0:
+        raise ValueError(f"{what}: the label table has a null class, so class_dropout_prob must be > 0, "
+                         f"got {class_dropout_prob!r}")
+    frequencies = source["t_embedder.mlp.0.weight"].shape[1]
+    if frequencies != 256:
+        raise ValueError(f"{what}: t_embedder.mlp.0 reads {frequencies} sinusoidal features; DiT uses 256")
+    mlp_hidden = source["blocks.0.mlp.fc1.weight"].shape[0]
+    model = DiT(input_size=math.isqrt(tokens) * patch, patch_size=patch, in_channels=in_channels,
+                hidden_size=hidden, depth=depth, num_heads=num_heads, mlp_ratio=mlp_hidden / hidden,
+                class_dropout_prob=class_dropout_prob, num_classes=num_classes,
+                learn_sigma=_learn_sigma(out_channels, in_channels, what))
+    if model.blocks[0].mlp.fc1.out_features != mlp_hidden:
+        raise ValueError(f"{what}: MLP width {mlp_hidden} is not int(hidden_size * mlp_ratio)")
+
+    state = _dit_state_dict(model, source, {}, what)
+    for i in range(depth):  # the reference's fused qkv (3D, D) stacks the rows [q; k; v]
+        for kind in ("weight", "bias"):
+            qkv = source[f"blocks.{i}.attn.qkv.{kind}"]
+            _split_qkv(state, f"blocks.{i}.attn", qkv[:hidden], qkv[hidden:], kind)
+    expected = {k for k in state if ".attn.q." not in k and ".attn.kv." not in k} | {"pos_embed"} | {
+        f"blocks.{i}.attn.qkv.{kind}" for i in range(depth) for kind in ("weight", "bias")}
+    unexpected = sorted(set(source) - expected)
+    if unexpected:
+        raise ValueError(f"{what}: tensors with no place in vitdiff's DiT: {unexpected[:6]}")
+    pos_embed = get_2d_sincos_pos_embed(hidden, math.isqrt(tokens))
+    if not torch.allclose(source["pos_embed"].reshape(tokens, hidden).float().cpu(), pos_embed, atol=1e-4):
+        raise ValueError(f"{what}: pos_embed is not the fixed 2-D sin-cos embedding that DiT uses")
+    _load_dit(model, state, what)
+    return model.to(device=proj.device, dtype=proj.dtype).eval()
+
+
+def dit_from_diffusers(model: nn.Module) -> DiT:
+    """A vitdiff DiT computing the same function as a diffusers DiTTransformer2DModel (same weights, copied).
+
+    diffusers gives every block its own copy of the timestep and label embedders (the final layer reads
+    block 0's); they must be equal, as in converted checkpoints, because vitdiff's DiT shares one. Its
+    timestep features use downscale_freq_shift=1 and its MLP norm eps=norm_eps (1e-5 by default); the
+    returned DiT records both in its config (timestep_freq_shift, mlp_norm_eps).
+    """
+    from diffusers import DiTTransformer2DModel
+
+    if not isinstance(model, DiTTransformer2DModel):
+        raise TypeError(f"dit_from_diffusers expects a diffusers DiTTransformer2DModel, got {type(model).__name__}")
+    what, cfg = "dit_from_diffusers", model.config
+    for name, value, expected in (("activation_fn", cfg.activation_fn, "gelu-approximate"),
+                                  ("attention_bias", cfg.attention_bias, True),
+                                  ("norm_elementwise_affine", cfg.norm_elementwise_affine, False)):
+        if value != expected:
+            raise ValueError(f"{what}: unsupported {name}={value!r} (vitdiff's DiT has {expected!r})")
+    blocks = model.transformer_blocks
+    if len(blocks) == 0:
+        raise ValueError(f"{what}: the model has no transformer blocks (num_layers=0)")
+    emb = blocks[0].norm1.emb  # CombinedTimestepLabelEmbeddings
+    proj = emb.time_proj
+    if not proj.flip_sin_to_cos or proj.num_channels != 256 or proj.scale != 1:
+        raise ValueError(f"{what}: timestep features must be [cos, sin] of 256 channels with scale 1, got "
+                         f"flip_sin_to_cos={proj.flip_sin_to_cos}, num_channels={proj.num_channels}, "
+                         f"scale={proj.scale}")
+    reference = emb.state_dict()
+    for i, block in enumerate(blocks):
+        if any(not torch.equal(v, reference[k]) for k, v in block.norm1.emb.state_dict().items()):
+            raise ValueError(f"{what}: transformer_blocks[{i}] has its own timestep/label embedder weights; "
+                             "vitdiff's DiT shares one (as the original DiT and converted checkpoints do)")
+    hidden, in_channels = model.inner_dim, cfg.in_channels
+    ours = DiT(input_size=cfg.sample_size, patch_size=cfg.patch_size, in_channels=in_channels,
+               hidden_size=hidden, depth=len(blocks), num_heads=cfg.num_attention_heads,
+               mlp_ratio=blocks[0].ff.net[0].proj.out_features / hidden,
+               class_dropout_prob=emb.class_embedder.dropout_prob, num_classes=cfg.num_embeds_ada_norm,
+               learn_sigma=_learn_sigma(model.out_channels, in_channels, what),
+               mlp_norm_eps=cfg.norm_eps, timestep_freq_shift=float(proj.downscale_freq_shift))
+
+    rename = {"x_embedder.proj.weight": "pos_embed.proj.weight", "x_embedder.proj.bias": "pos_embed.proj.bias",
+              "y_embedder.embedding_table.weight":
+                  "transformer_blocks.0.norm1.emb.class_embedder.embedding_table.weight",
+              "final_layer.adaLN_modulation.1.weight": "proj_out_1.weight",
+              "final_layer.adaLN_modulation.1.bias": "proj_out_1.bias",
+              "final_layer.linear.weight": "proj_out_2.weight", "final_layer.linear.bias": "proj_out_2.bias"}
+    for ours_name, theirs in (("mlp.0", "linear_1"), ("mlp.2", "linear_2")):
+        for kind in ("weight", "bias"):
+            rename[f"t_embedder.{ours_name}.{kind}"] = \
+                f"transformer_blocks.0.norm1.emb.timestep_embedder.{theirs}.{kind}"
+    for i in range(len(blocks)):
+        for ours_name, theirs in (("adaLN_modulation.1", "norm1.linear"), ("attn.proj", "attn1.to_out.0"),
+                                  ("mlp.fc1", "ff.net.0.proj"), ("mlp.fc2", "ff.net.2")):
+            for kind in ("weight", "bias"):
+                rename[f"blocks.{i}.{ours_name}.{kind}"] = f"transformer_blocks.{i}.{theirs}.{kind}"
+    source = model.state_dict()
+    state = _dit_state_dict(ours, source, rename, what)
+    for i in range(len(blocks)):  # diffusers keeps to_q, to_k, to_v; vitdiff q and kv = [k; v]
+        for kind in ("weight", "bias"):
+            prefix = f"transformer_blocks.{i}.attn1"
+            kv = torch.cat([source[f"{prefix}.to_k.{kind}"], source[f"{prefix}.to_v.{kind}"]])
+            _split_qkv(state, f"blocks.{i}.attn", source[f"{prefix}.to_q.{kind}"], kv, kind)
+    _load_dit(ours, state, what)
+    weight = model.pos_embed.proj.weight
+    return ours.to(device=weight.device, dtype=weight.dtype).train(model.training)

@@ -16,6 +16,12 @@ from torch import nn
 # ----------------------------------------------------------------------------- patches (chapter 01)
 
 
+def _check_positive_int(name: str, value: object) -> None:
+    """Raise a ValueError naming `name` unless `value` is a positive int (bools are not ints here)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int, got {value!r}")
+
+
 def _check_divisible(name: str, value: int, divisor_name: str, divisor: int) -> None:
     if value % divisor != 0:
         raise ValueError(f"{name}={value} is not divisible by {divisor_name}={divisor}")
@@ -35,6 +41,8 @@ class PatchEmbed(nn.Module):
             raise ValueError(f"img_size must be a positive int (square images), got {img_size!r}")
         if not isinstance(patch_size, int) or patch_size <= 0:
             raise ValueError(f"patch_size must be a positive int, got {patch_size!r}")
+        _check_positive_int("in_chans", in_chans)
+        _check_positive_int("embed_dim", embed_dim)
         _check_divisible("img_size", img_size, "patch_size", patch_size)
         self.img_size = img_size
         self.patch_size = patch_size
@@ -58,6 +66,9 @@ class PatchEmbed(nn.Module):
 
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     """(B, C, H, W) -> (B, N, P*P*C): flatten each patch (pixel-major, channel-last inside a patch)."""
+    _check_positive_int("patch_size", patch_size)
+    if x.ndim != 4:
+        raise ValueError(f"patchify expects images x of shape (B, C, H, W), got shape {tuple(x.shape)}")
     _check_divisible("image height", x.shape[-2], "patch_size", patch_size)
     _check_divisible("image width", x.shape[-1], "patch_size", patch_size)
     return rearrange(x, "b c (gh p) (gw q) -> b (gh gw) (p q c)", p=patch_size, q=patch_size)
@@ -65,6 +76,10 @@ def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
 
 def unpatchify(x: torch.Tensor, patch_size: int, channels: int) -> torch.Tensor:
     """(B, N, P*P*C) -> (B, C, H, W), the inverse of `patchify` for a square grid of N patches."""
+    _check_positive_int("patch_size", patch_size)
+    _check_positive_int("channels", channels)
+    if x.ndim != 3:
+        raise ValueError(f"unpatchify expects patch tokens x of shape (B, N, P*P*C), got shape {tuple(x.shape)}")
     b, n, k = x.shape
     grid = math.isqrt(n)
     if grid * grid != n:
@@ -159,6 +174,7 @@ class Attention(nn.Module):
     def __init__(self, dim: int, num_heads: int = 8, qkv_bias: bool = True, context_dim: int | None = None,
                  qk_norm: bool = False, fused: bool = True):
         super().__init__()
+        _check_positive_int("dim", dim)
         if not isinstance(num_heads, int) or num_heads <= 0:
             raise ValueError(f"num_heads must be a positive int, got {num_heads!r}")
         if dim % num_heads != 0:
@@ -260,15 +276,19 @@ class TransformerBlock(nn.Module):
 # ----------------------------------------------------------------------------- timesteps (chapters 04–09)
 
 
-def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
-    """Sinusoidal embedding of (possibly fractional) timesteps t (B,) -> (B, dim), laid out [cos, sin].
+def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0,
+                       downscale_freq_shift: float = 0.0) -> torch.Tensor:
+    """Sinusoidal embedding of (possibly fractional) timesteps t (B,) -> (B, dim), laid out [cos, sin], float32.
 
-    The same frequencies as the transformer's position code: ω_k = max_period^(-k / (dim/2)).
+    The same frequencies as the transformer's position code: ω_k = max_period^(-k / (dim/2 - shift)).
+    shift = 0 is DiT's and the U-Net's; diffusers' DiT uses downscale_freq_shift=1 (its `Timesteps`).
     """
     if t.ndim != 1:
         raise ValueError(f"timesteps must be a 1-D tensor (B,), got shape {tuple(t.shape)}")
+    _check_positive_int("dim", dim)
     half = dim // 2
-    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / half)
+    freqs = torch.exp(-math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device)
+                      / (half - downscale_freq_shift))
     args = t.float()[:, None] * freqs[None]  # (B, dim/2)
     emb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
     if dim % 2:
@@ -279,11 +299,14 @@ def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -
 class TimestepEmbedder(nn.Module):
     """Timestep t (B,) -> sinusoidal features -> MLP -> (B, hidden_size), as in DiT and the U-Net."""
 
-    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256):
+    def __init__(self, hidden_size: int, frequency_embedding_size: int = 256, downscale_freq_shift: float = 0.0):
         super().__init__()
         self.frequency_embedding_size = frequency_embedding_size
+        self.downscale_freq_shift = downscale_freq_shift
         self.mlp = nn.Sequential(nn.Linear(frequency_embedding_size, hidden_size), nn.SiLU(),
                                  nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
-        return self.mlp(timestep_embedding(t, self.frequency_embedding_size))
+        """t (B,) -> (B, hidden_size), in the dtype of the MLP's weights (so bf16 models take float timesteps)."""
+        freq = timestep_embedding(t, self.frequency_embedding_size, downscale_freq_shift=self.downscale_freq_shift)
+        return self.mlp(freq.to(self.mlp[0].weight.dtype))  # features in float32, then the weights' dtype

@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import nn
 
-from .layers import TimestepEmbedder, TransformerBlock
+from .layers import TimestepEmbedder, TransformerBlock, _check_positive_int
 
 
 def group_norm(channels: int, groups: int = 32) -> nn.GroupNorm:
@@ -145,8 +145,11 @@ class UNet(nn.Module):
     followed by a SpatialTransformer; the middle block always has one. Conditioning: the timestep
     embedding, plus a class embedding when num_classes is set (label num_classes is the "null"
     label for classifier-free guidance), plus cross-attention to text tokens when context_dim is set.
-    The output conv starts at zero, so an untrained model predicts 0.
+    The output conv starts at zero, so an untrained model predicts 0. Timesteps t are on the 0–1000
+    scale of DDPM and diffusers (integers, or fractions such as flow matching's 1000·σ); others are refused.
     """
+
+    MAX_TIMESTEP = 1000
 
     def __init__(self, in_channels: int = 1, out_channels: int | None = None, base_channels: int = 64,
                  channel_mult: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 2,
@@ -162,6 +165,14 @@ class UNet(nn.Module):
                              f"(level i is the input size / 2**i; there are len(channel_mult)={levels} levels)")
         if num_classes is not None and (not isinstance(num_classes, int) or num_classes <= 0):
             raise ValueError(f"num_classes must be a positive int or None, got {num_classes!r}")
+        for name, value in (("in_channels", in_channels), ("base_channels", base_channels),
+                            ("num_res_blocks", num_res_blocks), ("num_heads", num_heads), ("groups", groups)):
+            _check_positive_int(name, value)
+        for name, value in (("out_channels", out_channels), ("context_dim", context_dim)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
+                raise ValueError(f"{name} must be a positive int or None, got {value!r}")
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
+            raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
         out_channels = out_channels or in_channels
         self.in_channels, self.out_channels = in_channels, out_channels
         self.num_classes, self.context_dim = num_classes, context_dim
@@ -227,10 +238,15 @@ class UNet(nn.Module):
                              f"H and W must be multiples of {self.size_divisor}; pad or resize the images, "
                              "or use fewer levels")
         t = torch.as_tensor(t, device=x.device)
+        if t.dtype == torch.bool or t.dtype.is_complex:
+            raise TypeError(f"t must hold numeric timesteps, got dtype {t.dtype}")
         if t.ndim == 0:
             t = t.expand(b)
         if t.shape != (b,):
             raise ValueError(f"t must be a scalar or have shape (B,)=({b},), got shape {tuple(t.shape)}")
+        if not ((t >= 0) & (t <= self.MAX_TIMESTEP)).all():  # one cheap reduction; NaN fails it too
+            raise ValueError(f"t must hold timesteps in [0, {self.MAX_TIMESTEP}] (the DDPM/diffusers scale), "
+                             f"got values in [{t.min().item():g}, {t.max().item():g}]")
         if self.num_classes is None and y is not None:
             raise ValueError("y was given but this UNet is not class-conditional (num_classes=None)")
         if self.num_classes is not None:
@@ -296,3 +312,34 @@ class UNet(nn.Module):
         finally:
             for m in transformers:
                 m.keep_attention, m.attention = False, None
+
+
+class TextUNet(nn.Module):
+    """A U-Net and the text encoder it reads through cross-attention, trained together (chapter 05).
+
+    model(x, t, ids=(B, L) token ids, ids_mask=(B, L) bool) -> (B, C, H, W): the encoder turns the
+    token ids into context tokens (B, L, D) that every SpatialTransformer attends to; padded tokens
+    are masked out. The empty caption (just <eos>) is the null condition of classifier-free guidance.
+    """
+
+    def __init__(self, unet: dict, encoder: dict):
+        super().__init__()
+        from .text import TextEncoder  # text.py does not need the U-Net; keep the import one-way
+
+        if unet.get("context_dim") != encoder.get("dim"):
+            raise ValueError(f"unet context_dim={unet.get('context_dim')!r} must equal the encoder dim="
+                             f"{encoder.get('dim')!r}")
+        self.unet, self.encoder = UNet(**unet), TextEncoder(**encoder)
+        self.config = {"unet": self.unet.config, "encoder": self.encoder.config}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, ids_mask: torch.Tensor) -> torch.Tensor:
+        """x (B, C, H, W), t (B,), ids (B, L), ids_mask (B, L) -> prediction (B, C, H, W)."""
+        context, context_mask, _ = self.encoder(ids, ids_mask)  # (B, L, D), (B, L)
+        return self.unet(x, t, context=context, context_mask=context_mask)
+
+    @torch.no_grad()
+    def cross_attention_maps(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor,
+                             ids_mask: torch.Tensor) -> list[torch.Tensor]:
+        """Cross-attention weights (B, heads, HW, L) of every SpatialTransformer, as UNet.cross_attention_maps."""
+        context, context_mask, _ = self.encoder(ids, ids_mask)
+        return self.unet.cross_attention_maps(x, t, context, context_mask)
