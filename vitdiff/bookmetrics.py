@@ -1,0 +1,214 @@
+"""The measurements stored in the sidecars of the book checkpoints (see `vitdiff.pretrained`).
+
+Every number comes with what it should be read against: the chance level and the real-data ceiling
+for accuracies, the real-vs-real floor (at the same number of samples) for Fréchet distances. The
+functions are also what the notebooks call to re-measure a small subset live.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn import functional as F
+from tqdm.auto import tqdm
+
+from .data import ATTRIBUTES, Shapes, dataset_tensors, shapes_caption
+from .diffusion import NoiseSchedule, classifier_free_guidance, ddim_sample, ddpm_sample
+from .metrics import class_accuracy, extract_features, fd_score, get_evaluator, prompt_adherence
+
+
+def to01(x: torch.Tensor) -> torch.Tensor:
+    """Samples in [-1, 1] -> images in [0, 1] for the evaluators (clamped)."""
+    return ((x.float() + 1) / 2).clamp(0, 1)
+
+
+def crop28(x: torch.Tensor) -> torch.Tensor:
+    """Undo the 2-pixel padding of the 32x32 Fashion-MNIST latent models: (B, C, 32, 32) -> (B, C, 28, 28)."""
+    return x[..., 2:30, 2:30]
+
+
+@torch.no_grad()
+def generate(model: nn.Module, schedule: NoiseSchedule, shape: tuple[int, ...], n: int, *, steps: int = 20,
+             sampler: str = "ddim", eta: float = 0.0, prediction: str = "epsilon", clip_x0: bool = True,
+             cond: Callable[[int, int], dict[str, torch.Tensor]] | None = None, scale: float | None = None,
+             uncond: dict[str, torch.Tensor] | None = None, batch_size: int = 250, seed: int = 0,
+             progress: bool = True) -> torch.Tensor:
+    """`n` samples (n, *shape) on the CPU, drawn in batches; `cond(i0, i1)` gives the conditions of rows i0:i1.
+
+    sampler "ddim" uses `steps` DDIM steps ("trailing" spacing) with `eta`; "ddpm" runs all T ancestral steps.
+    With `scale`, classifier-free guidance against `uncond` (the null or a negative condition).
+    """
+    device = next(model.parameters()).device
+    generator = torch.Generator(device).manual_seed(seed)
+    out = []
+    for i0 in tqdm(range(0, n, batch_size), desc=f"{sampler} {steps if sampler == 'ddim' else 'T'}",
+                   disable=not progress, leave=False):
+        i1 = min(n, i0 + batch_size)
+        c = {k: v.to(device) for k, v in cond(i0, i1).items()} if cond is not None else {}
+        denoiser = model if scale is None else classifier_free_guidance(model, scale, uncond)
+        size = (i1 - i0, *shape)
+        if sampler == "ddpm":
+            x = ddpm_sample(denoiser, schedule, size, generator=generator, prediction=prediction,
+                            clip_x0=clip_x0, progress=False, **c)
+        else:
+            x = ddim_sample(denoiser, schedule, size, steps=steps, eta=eta, spacing="trailing", generator=generator,
+                            prediction=prediction, clip_x0=clip_x0, progress=False, **c)
+        out.append(x.float().cpu())
+    return torch.cat(out)
+
+
+def fd_floor(evaluator: nn.Module, name: str, n: int) -> float:
+    """Fréchet distance between n real training and n real test images: the best a generator can score at n."""
+    train_x, _ = dataset_tensors(name, train=True, limit=n)
+    test_x, _ = dataset_tensors(name, train=False, limit=n)
+    return fd_score(evaluator, test_x, train_x)
+
+
+def feature_diversity(evaluator: nn.Module, images: torch.Tensor, groups: int) -> float:
+    """Mean pairwise distance of evaluator features among images of the same group (images grouped in order)."""
+    features = extract_features(evaluator, images).reshape(groups, -1, evaluator.head.in_features)  # (G, n, F)
+    n = features.shape[1]
+    return (torch.cdist(features, features).sum(dim=(1, 2)) / (n * (n - 1))).mean().item()
+
+
+# ----------------------------------------------------------------------------- per recipe
+
+
+def _mnist_ddpm(model: nn.Module, device: torch.device, progress: bool, samples: int = 500,
+                samples_1000: int = 100, steps: tuple[int, ...] = (10, 20, 50, 100)) -> dict[str, Any]:
+    evaluator = get_evaluator("mnist", device=device)
+    schedule = NoiseSchedule(1000, "linear").to(device)
+    test_x, _ = dataset_tensors("mnist", train=False, limit=max(samples, samples_1000))
+    floors = {n: fd_floor(evaluator, "mnist", n) for n in {samples, samples_1000}}
+    rows = []
+    for s in steps:
+        for label, eta in (("DDIM (eta=0)", 0.0), ("DDPM, strided (eta=1)", 1.0)):
+            x = generate(model, schedule, (1, 28, 28), samples, steps=s, eta=eta, progress=progress)
+            rows.append({"sampler": label, "steps": s, "samples": samples,
+                         "fd": fd_score(evaluator, test_x[:samples], to01(x)), "floor": floors[samples]})
+    x = generate(model, schedule, (1, 28, 28), samples_1000, sampler="ddpm", progress=progress)
+    rows.append({"sampler": "DDPM (all 1000 steps)", "steps": 1000, "samples": samples_1000,
+                 "fd": fd_score(evaluator, test_x[:samples_1000], to01(x)), "floor": floors[samples_1000]})
+    return {"fd_table": rows}
+
+
+def _class_conditional(model: nn.Module, device: torch.device, progress: bool, samples: int = 1000,
+                       scales: tuple[float, ...] = (1.0, 2.0, 4.0), steps: int = 20) -> dict[str, Any]:
+    evaluator = get_evaluator("fashion_mnist", device=device)
+    schedule = NoiseSchedule(1000, "cosine").to(device)
+    test_x, test_y = dataset_tensors("fashion_mnist", train=False)
+    labels = torch.arange(10).repeat_interleave(samples // 10)  # (N,), grouped by class
+    null = torch.full((1,), 10, dtype=torch.long)
+    rows = []
+    for scale in scales:
+        x = to01(generate(model, schedule, (1, 28, 28), len(labels), steps=steps, prediction="v", clip_x0=False,
+                          cond=lambda i0, i1: {"y": labels[i0:i1]}, scale=scale, uncond={"y": null.to(device)},
+                          progress=progress))
+        rows.append({"scale": scale, "samples": len(labels), "class_accuracy": class_accuracy(evaluator, x, labels),
+                     "diversity": feature_diversity(evaluator, x, 10), "fd": fd_score(evaluator, test_x[:len(x)], x)})
+    per_class = len(labels) // 10
+    real_by_class = torch.cat([test_x[test_y == k][:per_class] for k in range(10)])  # grouped like the samples
+    return {"guidance_sweep": rows, "chance": 0.1, "sampler": f"DDIM {steps} steps",
+            "real_accuracy": class_accuracy(evaluator, test_x, test_y),
+            "real_diversity": feature_diversity(evaluator, real_by_class, 10),
+            "fd_floor": fd_floor(evaluator, "fashion_mnist", len(labels))}
+
+
+def _shapes_text(model: nn.Module, device: torch.device, progress: bool, per_prompt: int = 20,
+                 scales: tuple[float, ...] = (1.0, 3.0, 5.0), steps: int = 20) -> dict[str, Any]:
+    from .pretrained import SHAPE_TRIPLES, shapes_tokenizer
+
+    evaluator = get_evaluator("shapes", device=device)
+    schedule = NoiseSchedule(1000, "cosine").to(device)
+    tokenizer = shapes_tokenizer()
+    labels = torch.tensor(SHAPE_TRIPLES).repeat_interleave(per_prompt, dim=0)  # (48·n, 3)
+    ids, mask = tokenizer.encode([shapes_caption([row]) for row in labels.tolist()])
+    null_ids, null_mask = tokenizer.encode("")
+    rows = []
+    for scale in scales:
+        x = to01(generate(model, schedule, (3, 32, 32), len(labels), steps=steps, prediction="v", clip_x0=False,
+                          cond=lambda i0, i1: {"ids": ids[i0:i1], "ids_mask": mask[i0:i1]}, scale=scale,
+                          uncond={"ids": null_ids.to(device), "ids_mask": null_mask.to(device)}, progress=progress))
+        scores = prompt_adherence(evaluator, x, labels)
+        rows.append({"scale": scale, "samples": len(labels), **scores,
+                     "diversity": feature_diversity(evaluator, x, len(SHAPE_TRIPLES))})
+    real_images, _, real_labels = Shapes(size=len(labels), img_size=32, seed=1).tensors()
+    return {"guidance_sweep": rows, "sampler": f"DDIM {steps} steps",
+            "chance": {"shape": 1 / 3, "color": 1 / 4, "position": 1 / 4, "all": 1 / 48},
+            "real": prompt_adherence(evaluator, real_images, real_labels[:, 0])}
+
+
+def _unconditional_fmnist(model: nn.Module, device: torch.device, progress: bool, latent: bool,
+                          samples: int = 1000, steps: int = 20) -> dict[str, Any]:
+    from .pretrained import load
+
+    evaluator = get_evaluator("fashion_mnist", device=device)
+    schedule = NoiseSchedule(1000, "cosine").to(device)
+    test_x, _ = dataset_tensors("fashion_mnist", train=False, limit=samples)
+    shape = (4, 8, 8) if latent else (1, 28, 28)
+    x = generate(model, schedule, shape, samples, steps=steps, prediction="v", clip_x0=not latent, progress=progress)
+    if latent:
+        vae = load("fmnist_vae", device=device)
+        with torch.no_grad():
+            x = torch.cat([crop28(vae.decode_latents(x[i:i + 250].to(device))).float().cpu()
+                           for i in range(0, len(x), 250)])
+    return {"samples": samples, "sampler": f"DDIM {steps} steps", "fd": fd_score(evaluator, test_x, to01(x)),
+            "fd_floor": fd_floor(evaluator, "fashion_mnist", samples)}
+
+
+@torch.no_grad()
+def _vae(model: nn.Module, device: torch.device, progress: bool, shapes: bool, samples: int = 1000) -> dict[str, Any]:
+    if shapes:
+        images, _, labels = Shapes(size=samples, img_size=32, seed=1).tensors()
+        x = images * 2 - 1
+    else:
+        images, labels = dataset_tensors("fashion_mnist", train=False, limit=samples)
+        x = F.pad(images * 2 - 1, (2, 2, 2, 2), value=-1.0)
+    recon = torch.cat([model(x[i:i + 250].to(device), sample=False)[0].float().cpu() for i in range(0, len(x), 250)])
+    result: dict[str, Any] = {"samples": samples, "mse": F.mse_loss(recon, x).item()}
+    if shapes:
+        evaluator = get_evaluator("shapes", device=device)
+        result["original"] = prompt_adherence(evaluator, images, labels[:, 0])
+        result["reconstruction"] = prompt_adherence(evaluator, to01(recon), labels[:, 0])
+        result["chance"] = {"shape": 1 / 3, "color": 1 / 4, "position": 1 / 4, "all": 1 / 48}
+    else:
+        evaluator = get_evaluator("fashion_mnist", device=device)
+        result["original_accuracy"] = class_accuracy(evaluator, images, labels)
+        result["reconstruction_accuracy"] = class_accuracy(evaluator, crop28(to01(recon)), labels)
+        result["chance"] = 0.1
+        result["fd_reconstruction"] = fd_score(evaluator, images, crop28(to01(recon)))
+        result["fd_floor"] = fd_floor(evaluator, "fashion_mnist", samples)
+    return result
+
+
+@torch.no_grad()
+def _vit(model: nn.Module, device: torch.device, progress: bool) -> dict[str, Any]:
+    test_x, test_y = dataset_tensors("fashion_mnist", train=False)
+    logits = torch.cat([model(test_x[i:i + 1000].to(device)).float().cpu() for i in range(0, len(test_x), 1000)])
+    return {"test_accuracy": (logits.argmax(1) == test_y).float().mean().item(), "test_images": len(test_x),
+            "chance": 0.1}
+
+
+def measure(name: str, model: nn.Module, device: torch.device, progress: bool = True, **options: Any
+            ) -> dict[str, Any]:
+    """The sidecar metrics of book checkpoint `name`; options (e.g. samples=1000) override the defaults."""
+    torch.manual_seed(0)
+    if name == "mnist_ddpm":
+        return _mnist_ddpm(model, device, progress, **options)
+    if name == "fmnist_cfg":
+        return _class_conditional(model, device, progress, **options)
+    if name == "shapes_text":
+        return _shapes_text(model, device, progress, **options)
+    if name in ("fmnist_latent", "fmnist_pixel"):
+        return _unconditional_fmnist(model, device, progress, latent=name == "fmnist_latent", **options)
+    if name in ("shapes_vae", "fmnist_vae"):
+        return _vae(model, device, progress, shapes=name == "shapes_vae", **options)
+    if name == "fmnist_vit":
+        return _vit(model, device, progress)
+    raise ValueError(f"no measurements defined for {name!r}")
+
+
+__all__ = ["ATTRIBUTES", "crop28", "fd_floor", "feature_diversity", "generate", "measure", "to01"]

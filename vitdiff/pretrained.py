@@ -1,0 +1,425 @@
+"""Book checkpoints: named recipes trained once, shipped inside the package, loaded by the notebooks.
+
+A model trained for a minute on a laptop CPU draws noise. So every figure and table of the book that
+carries a claim comes from a *book checkpoint*: a named recipe (model class and config, data set,
+objective, optimiser, a fixed number of steps, seed, EMA) trained once, its EMA weights committed as
+fp16 safetensors with a JSON sidecar that records how, where and how long it was trained and what it
+measured.
+
+    model = load("mnist_ddpm")                 # eval mode; the sha256 of the weights is checked
+    info("mnist_ddpm")["metrics"]               # what the recipe's run measured (e.g. FD at 1000 steps)
+
+    python -m vitdiff.pretrained list
+    python -m vitdiff.pretrained train mnist_ddpm      # or --all; resumable after Ctrl-C
+    python -m vitdiff.pretrained evaluate mnist_ddpm   # (re)measure the sidecar's metrics
+
+Recipes are sized in steps, not seconds, so a CPU and a GPU train exactly the same recipe (the GPU in
+seconds). Training resumes exactly from a run folder under the data root (runs/<name>).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import itertools
+import json
+import os
+import platform
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from torch import nn
+from torch.nn import functional as F
+
+from .budget import get_device
+from .checkpoint import CheckpointError
+from .data import COLOR_NAMES, POSITION_NAMES, SHAPE_NAMES, Shapes, data_root, dataset_tensors, shapes_vocabulary
+from .diffusion import NoiseSchedule, diffusion_loss
+from .text import Tokenizer
+from .train import TrainConfig, train
+from .unet import TextUNet, UNet
+from .vae import VAE, vae_loss
+from .vit import ViT
+
+CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
+FORMAT = "vitdiff-book-checkpoint-v1"
+MODELS: dict[str, type[nn.Module]] = {"UNet": UNet, "TextUNet": TextUNet, "VAE": VAE, "ViT": ViT}
+
+
+class PretrainedError(CheckpointError):
+    """A book checkpoint is missing, corrupt, or was made by another recipe."""
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """How one book checkpoint is made: model, data, objective and optimisation, all fixed in advance."""
+
+    name: str
+    chapter: str
+    summary: str
+    model: str  # a key of MODELS
+    config: dict[str, Any]  # the model's constructor arguments
+    data: str  # a key of DATA: which tensors the loss sees
+    objective: str  # "epsilon" | "v" (diffusion), "vae", "classify"
+    train: dict[str, Any]  # TrainConfig arguments (steps, batch_size, lr, ...)
+    options: dict[str, Any] = field(default_factory=dict)  # objective details (schedule, label dropout, ...)
+
+
+# ----------------------------------------------------------------------------- the recipes
+
+_ADAM = {"weight_decay": 0.0, "grad_clip": 1.0, "seed": 0}
+_SMALL_UNET = {"base_channels": 16, "channel_mult": [1, 2, 2], "num_res_blocks": 1, "attention_resolutions": [2],
+               "num_heads": 4, "groups": 8}
+
+RECIPES: dict[str, Recipe] = {r.name: r for r in [
+    Recipe("mnist_ddpm", "04", "unconditional MNIST, DDPM ε-prediction, linear schedule (Ho et al. 2020)",
+           "UNet", {"in_channels": 1, **_SMALL_UNET}, "mnist", "epsilon",
+           {"steps": 800, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM},
+           {"schedule": "linear"}),
+    Recipe("fmnist_cfg", "05", "class-conditional Fashion-MNIST with label dropout for classifier-free guidance",
+           "UNet", {"in_channels": 1, "num_classes": 10, **_SMALL_UNET}, "fashion_mnist_labels", "v",
+           {"steps": 800, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM},
+           {"schedule": "cosine", "label_dropout": 0.1}),
+    Recipe("shapes_text", "05", "text-conditional captioned Shapes (32x32): U-Net with cross-attention and a "
+           "jointly trained text encoder, caption dropout for guidance",
+           "TextUNet", {"unet": {"in_channels": 3, "base_channels": 24, "channel_mult": [1, 2, 2],
+                                 "num_res_blocks": 1, "attention_resolutions": [1, 2], "num_heads": 4,
+                                 "context_dim": 64, "groups": 8},
+                        "encoder": {"vocab_size": 17, "max_length": 8, "dim": 64, "depth": 1, "num_heads": 4}},
+           "shapes", "v",
+           {"steps": 700, "batch_size": 64, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM},
+           {"schedule": "cosine", "caption_variant_probs": [0.55, 0.1, 0.1, 0.1, 0.15]}),
+    Recipe("shapes_vae", "06", "VAE on captioned Shapes (32x32 RGB -> 4x8x8 latents), SD-style small β",
+           "VAE", {"in_channels": 3, "latent_channels": 4, "base_channels": 16, "channel_mult": [1, 2, 2]},
+           "shapes_images", "vae",
+           {"steps": 600, "batch_size": 64, "lr": 2e-3, "warmup_steps": 30, "ema_decay": 0.99, **_ADAM},
+           {"beta": 1e-3, "recon": "mse"}),
+    Recipe("fmnist_vae", "06", "VAE on Fashion-MNIST padded to 32x32 (-> 4x8x8 latents) for latent diffusion",
+           "VAE", {"in_channels": 1, "latent_channels": 4, "base_channels": 16, "channel_mult": [1, 2, 2]},
+           "fashion_mnist_32", "vae",
+           {"steps": 800, "batch_size": 64, "lr": 2e-3, "warmup_steps": 30, "ema_decay": 0.99, **_ADAM},
+           {"beta": 1e-3, "recon": "mse"}),
+    Recipe("fmnist_latent", "06", "unconditional latent diffusion on the fmnist_vae latents (4x8x8)",
+           "UNet", {"in_channels": 4, "base_channels": 64, "channel_mult": [1, 2], "num_res_blocks": 1,
+                    "attention_resolutions": [1], "num_heads": 4, "groups": 8},
+           "fashion_mnist_latents", "v",
+           {"steps": 1500, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM},
+           {"schedule": "cosine", "vae": "fmnist_vae"}),
+    Recipe("fmnist_pixel", "06", "unconditional pixel diffusion on Fashion-MNIST, trained as long as fmnist_latent",
+           "UNet", {"in_channels": 1, **_SMALL_UNET}, "fashion_mnist", "v",
+           {"steps": 450, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM},
+           {"schedule": "cosine"}),
+    Recipe("fmnist_vit", "03", "ViT (patch 4, width 96, 6 blocks) classifying Fashion-MNIST",
+           "ViT", {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 96, "depth": 6,
+                   "num_heads": 4, "mlp_ratio": 2.0},
+           "fashion_mnist_labels01", "classify",
+           {"steps": 3000, "batch_size": 128, "lr": 2e-3, "warmup_steps": 150, "weight_decay": 0.05,
+            "min_lr_ratio": 0.01, "ema_decay": 0.998, "grad_clip": 1.0, "seed": 0},
+           {"max_shift": 2, "flip": True}),
+]}
+
+
+def recipe(name: str) -> Recipe:
+    """The recipe called `name`; a ValueError lists the known names otherwise."""
+    if not isinstance(name, str):
+        raise TypeError(f"name must be a string, got {type(name).__name__}")
+    if name not in RECIPES:
+        raise ValueError(f"no book checkpoint recipe {name!r}; expected one of {sorted(RECIPES)}")
+    return RECIPES[name]
+
+
+# ----------------------------------------------------------------------------- data
+
+def caption_variants(shape: int, color: int, position: int) -> list[str]:
+    """The five captions of one Shapes triple: full, no colour, no position, shape only, and the null caption."""
+    s, c, p = SHAPE_NAMES[shape], COLOR_NAMES[color], POSITION_NAMES[position]
+    return [f"a {c} {s} at the {p}", f"a {s} at the {p}", f"a {c} {s}", f"a {s}", ""]
+
+
+SHAPE_TRIPLES = list(itertools.product(range(len(SHAPE_NAMES)), range(len(COLOR_NAMES)), range(len(POSITION_NAMES))))
+
+
+def shapes_tokenizer() -> Tokenizer:
+    """The word tokenizer of every Shapes text model (17 ids, captions padded to 8 tokens)."""
+    return Tokenizer(shapes_vocabulary(), max_length=8)
+
+
+def caption_table(tokenizer: Tokenizer) -> torch.Tensor:
+    """Token ids (5, 48, L) of the five caption variants of every triple; triple index = 16·shape + 4·colour + pos."""
+    return torch.stack([tokenizer.encode(caption_variants(*triple))[0] for triple in SHAPE_TRIPLES], dim=1)
+
+
+def _pad32(x: torch.Tensor) -> torch.Tensor:
+    return F.pad(x, (2, 2, 2, 2), value=-1.0)  # 28x28 in [-1, 1] -> 32x32, background -1
+
+
+@torch.no_grad()
+def _latents(vae_name: str, device: torch.device) -> torch.Tensor:
+    vae = load(vae_name, device=device)
+    images, _ = dataset_tensors("fashion_mnist", train=True)
+    x = _pad32(images * 2 - 1)
+    return torch.cat([vae.encode_latents(x[i:i + 1000].to(device)).cpu() for i in range(0, len(x), 1000)])
+
+
+def recipe_data(r: Recipe, device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
+    """The training tensors of a recipe (images in [-1, 1] for generative models, [0, 1] for classifiers)."""
+    device = get_device(device)
+    if r.data == "mnist":
+        return (dataset_tensors("mnist")[0] * 2 - 1,)
+    if r.data == "fashion_mnist":
+        return (dataset_tensors("fashion_mnist")[0] * 2 - 1,)
+    if r.data == "fashion_mnist_labels":
+        images, labels = dataset_tensors("fashion_mnist")
+        return images * 2 - 1, labels
+    if r.data == "fashion_mnist_labels01":
+        return dataset_tensors("fashion_mnist")
+    if r.data == "fashion_mnist_32":
+        return (_pad32(dataset_tensors("fashion_mnist")[0] * 2 - 1),)
+    if r.data == "fashion_mnist_latents":
+        return (_latents(r.options["vae"], device),)
+    if r.data in ("shapes", "shapes_images"):
+        images, _, labels = Shapes(size=10_000, img_size=32, seed=0).tensors()
+        return (images * 2 - 1, labels[:, 0]) if r.data == "shapes" else (images * 2 - 1,)
+    raise ValueError(f"recipe {r.name!r} names unknown data {r.data!r}")
+
+
+# ----------------------------------------------------------------------------- objectives
+
+def build_model(r: Recipe) -> nn.Module:
+    """A freshly initialised model of the recipe (seeded by the caller)."""
+    return MODELS[r.model](**r.config)
+
+
+def recipe_loss(r: Recipe, device: torch.device) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], Any]:
+    """loss_fn(model, batch) for `vitdiff.train.train`, from the recipe's objective and options."""
+    o = r.options
+    if r.objective in ("epsilon", "v"):
+        schedule = NoiseSchedule(1000, o["schedule"]).to(device)
+        if r.model == "TextUNet":
+            tokenizer = shapes_tokenizer()
+            table = caption_table(tokenizer).to(device)  # (5, 48, L)
+            probs = torch.tensor(o["caption_variant_probs"], device=device)
+            weights = torch.tensor([16, 4, 1], device=device)
+
+            def text_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+                x0, labels = batch  # (B, 3, H, W), (B, 3)
+                variant = torch.multinomial(probs, len(labels), replacement=True)  # which words survive
+                ids = table[variant, (labels * weights).sum(dim=1)]  # (B, L)
+                return diffusion_loss(model, schedule, x0, r.objective, ids=ids, ids_mask=ids != tokenizer.pad_id)
+            return text_loss
+        if r.config.get("num_classes"):
+            null, p = r.config["num_classes"], o.get("label_dropout", 0.1)
+
+            def class_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+                x0, y = batch
+                drop = torch.rand(len(y), device=y.device) < p
+                return diffusion_loss(model, schedule, x0, r.objective, y=torch.where(drop, null, y))
+            return class_loss
+        return lambda model, batch: diffusion_loss(model, schedule, batch[0], r.objective)
+    if r.objective == "vae":
+        return lambda model, batch: vae_loss(model, batch, beta=o["beta"], recon=o["recon"])
+    if r.objective == "classify":
+        shift, flip = o.get("max_shift", 0), o.get("flip", False)
+
+        def classify_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            x, y = batch
+            if shift:  # random translation by up to `shift` pixels (zero padding), one offset per batch
+                dx, dy = torch.randint(-shift, shift + 1, (2,)).tolist()
+                x = torch.roll(F.pad(x, (shift,) * 4), (dy, dx), dims=(2, 3))[..., shift:-shift, shift:-shift]
+            if flip and torch.rand(()) < 0.5:
+                x = x.flip(3)
+            return F.cross_entropy(model(x), y)
+        return classify_loss
+    raise ValueError(f"recipe {r.name!r} has unknown objective {r.objective!r}")
+
+
+# ----------------------------------------------------------------------------- files
+
+def paths(name: str, directory: str | os.PathLike | None = None) -> tuple[Path, Path]:
+    """(weights, sidecar) of a book checkpoint: <dir>/<name>.safetensors and <dir>/<name>.json."""
+    folder = Path(directory) if directory is not None else CHECKPOINT_DIR
+    return folder / f"{name}.safetensors", folder / f"{name}.json"
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _recreate(name: str) -> str:
+    return f"recreate it with `python -m vitdiff.pretrained train {name}`"
+
+
+def info(name: str, directory: str | os.PathLike | None = None) -> dict[str, Any]:
+    """The JSON sidecar of a book checkpoint: recipe, training record and measured metrics."""
+    recipe(name)
+    _, sidecar = paths(name, directory)
+    if not sidecar.is_file():
+        raise PretrainedError(f"book checkpoint sidecar {sidecar} is missing; {_recreate(name)}")
+    try:
+        meta = json.loads(sidecar.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise PretrainedError(f"book checkpoint sidecar {sidecar} is corrupt ({error}); {_recreate(name)}") from error
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise PretrainedError(f"{sidecar} is not a {FORMAT} file; {_recreate(name)}")
+    return meta
+
+
+def load(name: str, device: str | torch.device | None = None, directory: str | os.PathLike | None = None
+         ) -> nn.Module:
+    """The book checkpoint `name` as a float32 model in eval mode with frozen weights, sha256 checked."""
+    meta = info(name, directory)
+    weights, sidecar = paths(name, directory)
+    if not weights.is_file():
+        raise PretrainedError(f"book checkpoint weights {weights} are missing; {_recreate(name)}")
+    if _sha256(weights) != meta.get("sha256"):
+        raise PretrainedError(f"book checkpoint {weights} does not match the sha256 in {sidecar.name} "
+                              f"(corrupt or replaced); {_recreate(name)}")
+    if meta["recipe"] != _jsonable(asdict(recipe(name))):
+        raise PretrainedError(f"book checkpoint {weights} was trained with another recipe than the current "
+                              f"{name!r}; {_recreate(name)}")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise PretrainedError(f"book checkpoint {weights} is unreadable ({error}); {_recreate(name)}") from error
+    model = MODELS[meta["model_class"]](**meta["model_config"])
+    try:
+        model.load_state_dict({k: v.float() for k, v in state.items()})
+    except RuntimeError as error:
+        raise PretrainedError(f"book checkpoint {weights} does not fit its config ({error}); {_recreate(name)}") \
+            from error
+    return model.to(get_device(device)).eval().requires_grad_(False)
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value))
+
+
+def _write_json(path: Path, meta: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(meta, indent=2) + "\n")
+    os.replace(tmp, path)
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+# ----------------------------------------------------------------------------- training
+
+def train_recipe(name: str, *, steps: int | None = None, directory: str | os.PathLike | None = None,
+                 run_dir: str | os.PathLike | None = None, device: str | torch.device | None = None,
+                 progress: bool = True) -> dict[str, Any]:
+    """Train the recipe `name` (resuming its run folder), write NAME.safetensors (EMA, fp16) + NAME.json.
+
+    `steps` overrides the recipe's step count (tests only: a checkpoint made so is not a book checkpoint).
+    Returns the sidecar. Metrics are added by `evaluate_recipe`.
+    """
+    r = recipe(name)
+    device = get_device(device)
+    run_dir = Path(run_dir) if run_dir is not None else data_root() / "runs" / name
+    train_args = dict(r.train, steps=steps or r.train["steps"])
+    train_args["warmup_steps"] = min(train_args.get("warmup_steps", 0), train_args["steps"])
+    config = TrainConfig(**train_args, checkpoint_dir=str(run_dir), checkpoint_every=100,
+                         channels_last=r.model in ("UNet", "TextUNet", "VAE"))
+    data = recipe_data(r, device)
+    torch.manual_seed(r.train.get("seed", 0))
+    model = build_model(r)
+    tic = time.perf_counter()
+    result = train(model, recipe_loss(r, device), data, config, device=device, progress=progress)
+    if result.interrupted:
+        raise KeyboardInterrupt(f"training {name} was interrupted; run the same command again to resume")
+    final = result.best_model.float().eval()
+    if r.model == "VAE":  # latent diffusion needs unit-variance latents: measure the scale on training images
+        final.estimate_scaling_factor(data[0][:5000].to(device))
+    weights, sidecar = paths(name, directory)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    # fp16 halves the file; scalars (e.g. the VAE's scaling factor) stay float32 to keep their precision
+    state = {k: v.detach().to("cpu", torch.float16 if v.is_floating_point() and v.numel() > 1 else v.dtype)
+             .contiguous() for k, v in final.state_dict().items()}
+    tmp = weights.with_name(weights.name + ".tmp")
+    save_file(state, str(tmp))
+    os.replace(tmp, weights)
+    history = result.history
+    meta = {
+        "format": FORMAT, "name": name, "recipe": _jsonable(asdict(r)), "model_class": r.model,
+        "model_config": _jsonable(final.config), "parameters": sum(p.numel() for p in final.parameters()),
+        "steps": len(history.loss), "images_seen": history.examples,
+        "train_seconds": round(history.seconds, 1), "wall_seconds_this_call": round(time.perf_counter() - tic, 1),
+        "final_loss": sum(history.loss[-50:]) / len(history.loss[-50:]),
+        "loss_curve": [round(v, 5) for v in history.loss[:: max(1, len(history.loss) // 100)]],
+        "device": device.type, "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
+                                               else _cpu_name()),
+        "threads": torch.get_num_threads(), "torch_version": torch.__version__,
+        "python": platform.python_version(), "trained_at": time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+        "weights_dtype": "float16", "file_bytes": weights.stat().st_size, "sha256": _sha256(weights),
+        "metrics": {},
+    }
+    _write_json(sidecar, meta)
+    return meta
+
+
+def evaluate_recipe(name: str, directory: str | os.PathLike | None = None, device: str | torch.device | None = None,
+                    progress: bool = True, **options: Any) -> dict[str, Any]:
+    """Measure a shipped checkpoint with the book's evaluators and store the numbers in its sidecar."""
+    from . import bookmetrics  # the measurements need the evaluators; imported late to keep `load` light
+
+    meta = info(name, directory)
+    model = load(name, device=device, directory=directory)
+    tic = time.perf_counter()
+    metrics = bookmetrics.measure(name, model, get_device(device), progress=progress, **options)
+    metrics["eval_seconds"] = round(time.perf_counter() - tic, 1)
+    metrics["eval_device"] = get_device(device).type
+    meta["metrics"] = _jsonable(metrics)
+    _write_json(paths(name, directory)[1], meta)
+    return meta
+
+
+def _main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m vitdiff.pretrained", description=__doc__.split("\n")[0])
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("list", help="the recipes and whether their checkpoints are present")
+    for command in ("train", "evaluate"):
+        p = sub.add_parser(command)
+        p.add_argument("names", nargs="*")
+        p.add_argument("--all", action="store_true")
+        p.add_argument("--device", default=None)
+        if command == "evaluate":
+            p.add_argument("--options", default="{}", help='JSON overrides, e.g. \'{"samples": 1000}\'')
+    args = parser.parse_args(argv)
+    if args.command == "list":
+        for r in RECIPES.values():
+            weights, _ = paths(r.name)
+            state = f"{weights.stat().st_size / 1e6:.2f} MB" if weights.exists() else "missing"
+            print(f"{r.name:16s} ch{r.chapter} {r.model:9s} {r.train['steps']:6d} steps  {state:>10s}  {r.summary}")
+        return 0
+    names = list(RECIPES) if args.all else args.names
+    if not names:
+        parser.error(f"name a recipe ({', '.join(RECIPES)}) or pass --all")
+    for name in names:
+        recipe(name)
+    for name in names:
+        if args.command == "train":
+            meta = train_recipe(name, device=args.device)
+            print(f"{name}: {meta['steps']} steps in {meta['train_seconds']:.0f} s on {meta['device_name']}; "
+                  f"{meta['file_bytes'] / 1e6:.2f} MB")
+        else:
+            meta = evaluate_recipe(name, device=args.device, **json.loads(args.options))
+            print(f"{name}: " + json.dumps(meta["metrics"], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(_main())
