@@ -224,7 +224,8 @@ def train_evaluator(name: str, steps: int | None = None, train_size: int | None 
     recipe = dict(EVALUATOR_RECIPES[name])
     recipe.update({k: v for k, v in (("steps", steps), ("train_size", train_size), ("test_size", test_size))
                    if v is not None})
-    with torch.random.fork_rng(devices=[]):  # the caller's random stream stays as it was, cached or not
+    # the caller's random stream stays as it was, cached or not; training works even if called under no_grad
+    with torch.random.fork_rng(devices=[]), torch.enable_grad():
         return _train_evaluator(name, recipe, progress)
 
 

@@ -107,20 +107,20 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            {"steps": 800, "batch_size": 64, "lr": 2e-3, "warmup_steps": 30, "ema_decay": 0.99, **_ADAM},
            {"beta": 1e-3, "recon": "mse"}),
     Recipe("fmnist_latent", "06", "unconditional latent diffusion on the fmnist_vae latents (4x8x8)",
-           "UNet", {"in_channels": 4, "base_channels": 64, "channel_mult": [1, 2], "num_res_blocks": 1,
+           "UNet", {"in_channels": 4, "base_channels": 40, "channel_mult": [1, 2], "num_res_blocks": 1,
                     "attention_resolutions": [1], "num_heads": 4, "groups": 8},
            "fashion_mnist_latents", "v",
-           {"steps": 1500, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM},
+           {"steps": 1000, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM},
            {"schedule": "cosine", "vae": "fmnist_vae"}),
     Recipe("fmnist_pixel", "06", "unconditional pixel diffusion on Fashion-MNIST, trained as long as fmnist_latent",
            "UNet", {"in_channels": 1, **_SMALL_UNET}, "fashion_mnist", "v",
-           {"steps": 450, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM},
+           {"steps": 350, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM},
            {"schedule": "cosine"}),
-    Recipe("fmnist_vit", "03", "ViT (patch 4, width 96, 6 blocks) classifying Fashion-MNIST",
-           "ViT", {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 96, "depth": 6,
+    Recipe("fmnist_vit", "03", "ViT (patch 4, width 64, 4 blocks) classifying Fashion-MNIST",
+           "ViT", {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 64, "depth": 4,
                    "num_heads": 4, "mlp_ratio": 2.0},
            "fashion_mnist_labels01", "classify",
-           {"steps": 3000, "batch_size": 128, "lr": 2e-3, "warmup_steps": 150, "weight_decay": 0.05,
+           {"steps": 2000, "batch_size": 128, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.05,
             "min_lr_ratio": 0.01, "ema_decay": 0.998, "grad_clip": 1.0, "seed": 0},
            {"max_shift": 2, "flip": True}),
 ]}
@@ -244,7 +244,9 @@ def recipe_loss(r: Recipe, device: torch.device) -> Callable[[nn.Module, tuple[t
 
 def paths(name: str, directory: str | os.PathLike | None = None) -> tuple[Path, Path]:
     """(weights, sidecar) of a book checkpoint: <dir>/<name>.safetensors and <dir>/<name>.json."""
-    folder = Path(directory) if directory is not None else CHECKPOINT_DIR
+    if directory is None:  # VITDIFF_CHECKPOINT_DIR: develop against other files without touching the shipped ones
+        directory = os.environ.get("VITDIFF_CHECKPOINT_DIR") or CHECKPOINT_DIR
+    folder = Path(directory)
     return folder / f"{name}.safetensors", folder / f"{name}.json"
 
 
@@ -385,6 +387,29 @@ def evaluate_recipe(name: str, directory: str | os.PathLike | None = None, devic
     meta["metrics"] = _jsonable(metrics)
     _write_json(paths(name, directory)[1], meta)
     return meta
+
+
+def book_model(name: str, device: str | torch.device | None = None, progress: bool = True
+               ) -> tuple[nn.Module, dict[str, Any]]:
+    """The model a notebook's claims rest on, and its sidecar: the shipped checkpoint at the quick budget;
+    at the full budget the same recipe trained now (seconds to minutes on a GPU), whose metrics the notebook
+    measures itself. meta["source"] says which."""
+    from .budget import is_full
+
+    if not is_full():
+        meta = info(name)
+        return load(name, device=device), {**meta, "source": "shipped book checkpoint"}
+    folder = data_root() / "book-runs"
+    meta = train_recipe(name, directory=folder, run_dir=folder / f"run-{name}", device=device, progress=progress)
+    return load(name, device=device, directory=folder), {**meta, "source": "trained in this run"}
+
+
+def describe(meta: dict[str, Any]) -> str:
+    """One line saying which model this is and how it was trained, for the notebooks to print."""
+    return (f"{meta['name']} ({meta.get('source', 'book checkpoint')}): {meta['model_class']} with "
+            f"{meta['parameters']:,} parameters, {meta['steps']:,} steps ({meta['images_seen']:,} images) in "
+            f"{meta['train_seconds'] / 60:.1f} min on {meta['device']} ({meta['device_name']}), "
+            f"final loss {meta['final_loss']:.4f}")
 
 
 def _main(argv: list[str] | None = None) -> int:
