@@ -393,10 +393,11 @@ def book_model(name: str, device: str | torch.device | None = None, progress: bo
                ) -> tuple[nn.Module, dict[str, Any]]:
     """The model a notebook's claims rest on, and its sidecar: the shipped checkpoint at the quick budget;
     at the full budget the same recipe trained now (seconds to minutes on a GPU), whose metrics the notebook
-    measures itself. meta["source"] says which."""
+    measures itself, unless VITDIFF_USE_SHIPPED=1 (set by `python -m vitdiff.book run`, which has just trained
+    the shipped files). meta["source"] says which."""
     from .budget import is_full
 
-    if not is_full():
+    if not is_full() or os.environ.get("VITDIFF_USE_SHIPPED") == "1":  # the book runner has just trained them
         meta = info(name)
         return load(name, device=device), {**meta, "source": "shipped book checkpoint"}
     folder = data_root() / "book-runs"
