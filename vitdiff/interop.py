@@ -4,10 +4,7 @@
 - `dit_from_official(state_dict, num_heads)`: a facebookresearch/DiT state_dict (e.g. the published
   DiT-XL-2-256x256.pt) -> `vitdiff.dit.DiT` (chapter 07).
 - `dit_from_diffusers(model)`: a diffusers `DiTTransformer2DModel` -> `vitdiff.dit.DiT` (chapter 07).
-
-Planned with later chapters (not in the package yet):
-- `mmdit_from_diffusers(model)`: a diffusers `SD3Transformer2DModel` -> `vitdiff.mmdit.MMDiT`; comes with
-  chapter 09.
+- `mmdit_from_diffusers(model)`: a diffusers `SD3Transformer2DModel` -> `vitdiff.mmdit.MMDiT` (chapter 09).
 
 Each function copies weights only; dropout and stochastic depth are training-time choices that are
 not carried over, so compare the two models in `eval()` mode.
@@ -24,6 +21,7 @@ from torch import nn
 
 from .dit import DiT
 from .layers import get_2d_sincos_pos_embed
+from .mmdit import MMDiT
 from .vit import ViT
 
 
@@ -315,3 +313,107 @@ def dit_from_diffusers(model: nn.Module) -> DiT:
     _load_dit(ours, state, what)
     weight = model.pos_embed.proj.weight
     return ours.to(device=weight.device, dtype=weight.dtype).train(model.training)
+
+
+# ----------------------------------------------------------------------------- MMDiT (chapter 09)
+
+
+def _swap_halves(tensor: torch.Tensor) -> torch.Tensor:
+    """diffusers' AdaLayerNormContinuous regresses (scale, shift); vitdiff (as SD3's reference) (shift, scale)."""
+    scale, shift = tensor.chunk(2, dim=0)
+    return torch.cat([shift, scale], dim=0)
+
+
+def mmdit_from_diffusers(model: nn.Module) -> MMDiT:
+    """A vitdiff MMDiT computing the same function as a diffusers SD3Transformer2DModel (same weights, copied).
+
+    Supported: SD3(-medium) layouts, with or without qk_norm="rms_norm", with a fixed position table or a
+    cropped one (pos_embed_max_size, copied as stored). Not supported (ValueError): SD3.5's dual-attention
+    layers, other qk_norm kinds, caption_projection_dim != the model width. diffusers concatenates
+    [image; context] where vitdiff concatenates [context; image]: the same attention. diffusers has no
+    text mask, so compare with context_mask=None.
+    """
+    from diffusers import SD3Transformer2DModel
+
+    if not isinstance(model, SD3Transformer2DModel):
+        raise TypeError(f"mmdit_from_diffusers expects a diffusers SD3Transformer2DModel, got {type(model).__name__}")
+    what, cfg = "mmdit_from_diffusers", model.config
+    hidden, blocks = model.inner_dim, model.transformer_blocks
+    if len(blocks) == 0:
+        raise ValueError(f"{what}: the model has no transformer blocks (num_layers=0)")
+    if tuple(cfg.dual_attention_layers):
+        raise ValueError(f"{what}: unsupported dual_attention_layers={tuple(cfg.dual_attention_layers)} (SD3.5's "
+                         "second image self-attention); vitdiff's MMDiT has the SD3 joint block only")
+    if cfg.qk_norm not in (None, "rms_norm"):
+        raise ValueError(f"{what}: unsupported qk_norm={cfg.qk_norm!r}; vitdiff's MMDiT has None or 'rms_norm'")
+    if cfg.caption_projection_dim != hidden:
+        raise ValueError(f"{what}: caption_projection_dim={cfg.caption_projection_dim} differs from the model width "
+                         f"num_attention_heads * attention_head_dim = {hidden}")
+    patch = model.pos_embed.proj
+    if getattr(model.pos_embed, "layer_norm", False) or model.pos_embed.pos_embed is None:
+        raise ValueError(f"{what}: the patch embedding has a layer norm or no position table")
+    mlp_hidden = blocks[0].ff.net[0].proj.out_features
+    ours = MMDiT(input_size=cfg.sample_size, patch_size=cfg.patch_size, in_channels=cfg.in_channels,
+                 hidden_size=hidden, depth=len(blocks), num_heads=cfg.num_attention_heads,
+                 mlp_ratio=mlp_hidden / hidden, context_dim=cfg.joint_attention_dim,
+                 pooled_dim=cfg.pooled_projection_dim, qk_norm=cfg.qk_norm,
+                 pos_embed_max_size=cfg.pos_embed_max_size, out_channels=model.out_channels)
+
+    source = model.state_dict()
+    rename = {"x_embedder.proj": "pos_embed.proj", "t_embedder.mlp.0": "time_text_embed.timestep_embedder.linear_1",
+              "t_embedder.mlp.2": "time_text_embed.timestep_embedder.linear_2",
+              "y_embedder.0": "time_text_embed.text_embedder.linear_1",
+              "y_embedder.2": "time_text_embed.text_embedder.linear_2", "context_embedder": "context_embedder",
+              "final_layer.linear": "proj_out"}
+    for i, block in enumerate(blocks):
+        ours_block, theirs = f"joint_blocks.{i}", f"transformer_blocks.{i}"
+        rename |= {f"{ours_block}.x_block.attn.proj": f"{theirs}.attn.to_out.0",
+                   f"{ours_block}.x_block.adaLN_modulation.1": f"{theirs}.norm1.linear",
+                   f"{ours_block}.x_block.mlp.fc1": f"{theirs}.ff.net.0.proj",
+                   f"{ours_block}.x_block.mlp.fc2": f"{theirs}.ff.net.2"}
+        if not block.context_pre_only:
+            rename |= {f"{ours_block}.context_block.attn.proj": f"{theirs}.attn.to_add_out",
+                       f"{ours_block}.context_block.adaLN_modulation.1": f"{theirs}.norm1_context.linear",
+                       f"{ours_block}.context_block.mlp.fc1": f"{theirs}.ff_context.net.0.proj",
+                       f"{ours_block}.context_block.mlp.fc2": f"{theirs}.ff_context.net.2"}
+    state, used = {}, set()
+    for ours_name, theirs in rename.items():
+        for kind in ("weight", "bias"):
+            state[f"{ours_name}.{kind}"] = source[f"{theirs}.{kind}"]
+            used.add(f"{theirs}.{kind}")
+    for i, block in enumerate(blocks):  # fused qkv (3D, D) = [q; k; v] per stream, and the per-head QK-norms
+        prefix = f"transformer_blocks.{i}"
+        for stream, projections, norms in (("x_block", ("to_q", "to_k", "to_v"), ("norm_q", "norm_k")),
+                                           ("context_block", ("add_q_proj", "add_k_proj", "add_v_proj"),
+                                            ("norm_added_q", "norm_added_k"))):
+            for kind in ("weight", "bias"):
+                names = [f"{prefix}.attn.{p}.{kind}" for p in projections]
+                state[f"joint_blocks.{i}.{stream}.attn.qkv.{kind}"] = torch.cat([source[n] for n in names])
+                used.update(names)
+            if cfg.qk_norm is not None:
+                for ours_norm, theirs in zip(("ln_q", "ln_k"), norms):
+                    name = f"{prefix}.attn.{theirs}.weight"
+                    state[f"joint_blocks.{i}.{stream}.attn.{ours_norm}.weight"] = source[name]
+                    used.add(name)
+        if block.context_pre_only:  # AdaLayerNormContinuous: (scale, shift) -> (shift, scale)
+            for kind in ("weight", "bias"):
+                state[f"joint_blocks.{i}.context_block.adaLN_modulation.1.{kind}"] = \
+                    _swap_halves(source[f"{prefix}.norm1_context.linear.{kind}"])
+                used.add(f"{prefix}.norm1_context.linear.{kind}")
+    for kind in ("weight", "bias"):
+        state[f"final_layer.adaLN_modulation.1.{kind}"] = _swap_halves(source[f"norm_out.linear.{kind}"])
+        used.add(f"norm_out.linear.{kind}")
+    table = model.pos_embed.pos_embed  # (1, S² or N, D)
+    if cfg.pos_embed_max_size is not None:
+        state["pos_embed"] = table
+        used.add("pos_embed.pos_embed")
+    elif not torch.allclose(table.float().cpu(), ours.pos_embed, atol=1e-4):
+        raise ValueError(f"{what}: pos_embed.pos_embed is not the fixed 2-D sin-cos table of the sample_size grid")
+    unused = sorted(set(source) - used)
+    if unused:
+        raise ValueError(f"{what}: tensors with no place in vitdiff's MMDiT: {unused[:6]}")
+    try:
+        ours.load_state_dict(state)  # strict: every vitdiff weight is set
+    except RuntimeError as error:
+        raise ValueError(f"{what}: the weights do not fit an MMDiT with config {ours.config}: {error}") from None
+    return ours.to(device=patch.weight.device, dtype=patch.weight.dtype).train(model.training)

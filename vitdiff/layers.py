@@ -31,11 +31,12 @@ class PatchEmbed(nn.Module):
     """Cut an image into P×P patches and project each to D numbers: (B, C, H, W) -> (B, N, D).
 
     A strided convolution with kernel = stride = P is exactly "flatten each patch, then a shared
-    linear layer"; chapter 01 shows the two are equal.
+    linear layer"; chapter 01 shows the two are equal. With dynamic_img_size=True (timm's name) any
+    H, W divisible by P is accepted (the MMDiT with a cropped position table); img_size is then nominal.
     """
 
     def __init__(self, img_size: int = 224, patch_size: int = 16, in_chans: int = 3, embed_dim: int = 768,
-                 bias: bool = True):
+                 bias: bool = True, dynamic_img_size: bool = False):
         super().__init__()
         if not isinstance(img_size, int) or img_size <= 0:
             raise ValueError(f"img_size must be a positive int (square images), got {img_size!r}")
@@ -47,6 +48,7 @@ class PatchEmbed(nn.Module):
         self.img_size = img_size
         self.patch_size = patch_size
         self.in_chans = in_chans
+        self.dynamic_img_size = dynamic_img_size
         self.grid_size = img_size // patch_size
         self.num_patches = self.grid_size**2
         self.proj = nn.Conv2d(in_chans, embed_dim, kernel_size=patch_size, stride=patch_size, bias=bias)
@@ -58,7 +60,11 @@ class PatchEmbed(nn.Module):
         _, c, h, w = x.shape
         if c != self.in_chans:
             raise ValueError(f"PatchEmbed expects in_chans={self.in_chans} channels, got {c}")
-        if (h, w) != (self.img_size, self.img_size):
+        if self.dynamic_img_size:
+            if h % self.patch_size or w % self.patch_size:
+                raise ValueError(f"PatchEmbed expects image sides divisible by patch_size={self.patch_size}, "
+                                 f"got {h}x{w}")
+        elif (h, w) != (self.img_size, self.img_size):
             raise ValueError(f"PatchEmbed expects {self.img_size}x{self.img_size} images, got {h}x{w}")
         x = self.proj(x)  # (B, D, H/P, W/P)
         return rearrange(x, "b d gh gw -> b (gh gw) d")
@@ -102,15 +108,19 @@ def get_1d_sincos_pos_embed(embed_dim: int, positions: torch.Tensor) -> torch.Te
     return torch.cat([torch.sin(angles), torch.cos(angles)], dim=1).float()  # (M, D)
 
 
-def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = False) -> torch.Tensor:
+def get_2d_sincos_pos_embed(embed_dim: int, grid_size: int, cls_token: bool = False,
+                            base_size: int | None = None) -> torch.Tensor:
     """Fixed 2-D sin-cos position embedding for a grid_size × grid_size patch grid -> (N, D).
 
     Half the channels encode the row, half the column (as in MAE and DiT). With cls_token=True a
-    zero row is prepended for the class token -> (1 + N, D).
+    zero row is prepended for the class token -> (1 + N, D). With base_size the coordinates are
+    i · base_size / grid_size (SD3/PixArt: a larger table stretched over the training grid's range).
     """
     if embed_dim % 4 != 0:
         raise ValueError(f"embed_dim must be divisible by 4 for 2-D sin-cos embeddings, got {embed_dim}")
     coords = torch.arange(grid_size, dtype=torch.float64)
+    if base_size is not None:
+        coords = coords * (base_size / grid_size)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")  # (G, G) each
     # Same layout as MAE/DiT: first half from the column (w) coordinate, second half from the row (h).
     emb = torch.cat([get_1d_sincos_pos_embed(embed_dim // 2, cols), get_1d_sincos_pos_embed(embed_dim // 2, rows)],
