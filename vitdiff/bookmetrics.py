@@ -208,7 +208,87 @@ def measure(name: str, model: nn.Module, device: torch.device, progress: bool = 
         return _vae(model, device, progress, shapes=name == "shapes_vae", **options)
     if name == "fmnist_vit":
         return _vit(model, device, progress)
+    if name in ("fmnist_dit", "fmnist_dit_eps", "fmnist_unet_flow") or name.startswith("ablation_"):
+        if name in ("fmnist_dit", "fmnist_dit_eps"):
+            options.setdefault("step_table", (2, 5, 10, 20, 50))
+        if name.startswith("ablation_"):
+            options.setdefault("scales", (1.0, 2.0))
+        return _latent_dit(name, model, device, progress, **options)
     raise ValueError(f"no measurements defined for {name!r}")
 
 
 __all__ = ["ATTRIBUTES", "crop28", "fd_floor", "feature_diversity", "generate", "measure", "to01"]
+
+
+# ----------------------------------------------------------------------------- chapters 07 and 08: latent DiTs
+
+
+def gflops(model: nn.Module, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> float:
+    """Forward GFLOPs of one call on a batch of one (multiply-adds count 2), measured by torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        model(x[:1], t[:1], **{k: v[:1] for k, v in cond.items()})
+    return counter.get_total_flops() / 1e9
+
+
+@torch.no_grad()
+def latent_class_samples(model: nn.Module, objective: str, labels: torch.Tensor, *, scale: float = 1.0,
+                         steps: int = 20, method: str = "euler", eta: float = 0.0, seed: int = 0,
+                         batch_size: int = 250) -> torch.Tensor:
+    """Class-conditional Fashion-MNIST samples (N, 1, 28, 28) in [0, 1] from a latent model and the fmnist_vae.
+
+    objective "flow": `vitdiff.flow.sample` with `method` ("euler" | "heun"); "epsilon": DDIM with `eta`
+    (eta = 1: strided ancestral DDPM). scale > 1 guides against the null class (label 10)."""
+    from . import flow
+    from .pretrained import load
+
+    device = next(model.parameters()).device
+    vae = load("fmnist_vae", device=device)
+    schedule = NoiseSchedule(1000, "cosine").to(device)
+    generator = torch.Generator(device).manual_seed(seed)
+    null = torch.full((1,), 10, dtype=torch.long, device=device)
+    out = []
+    for i0 in range(0, len(labels), batch_size):
+        y = labels[i0:i0 + batch_size].to(device)
+        denoiser = model if scale == 1.0 else classifier_free_guidance(model, scale, {"y": null})
+        if objective == "flow":
+            noise = torch.randn((len(y), 4, 8, 8), generator=generator, device=device)
+            z = flow.sample(denoiser, noise, steps=steps, method=method, progress=False, y=y)
+        else:
+            z = ddim_sample(denoiser, schedule, (len(y), 4, 8, 8), steps=steps, eta=eta, spacing="trailing",
+                            generator=generator, prediction="epsilon", clip_x0=False, progress=False, y=y)
+        out.append(crop28(to01(vae.decode_latents(z))).cpu())
+    return torch.cat(out)
+
+
+def _latent_dit(name: str, model: nn.Module, device: torch.device, progress: bool, samples: int = 500,
+                scales: tuple[float, ...] = (1.0, 2.0, 4.0), steps: int = 20,
+                step_table: tuple[int, ...] = ()) -> dict[str, Any]:
+    from .pretrained import recipe
+
+    objective = recipe(name).objective
+    evaluator = get_evaluator("fashion_mnist", device=device)
+    test_x, _ = dataset_tensors("fashion_mnist", train=False, limit=samples)
+    labels = torch.arange(10).repeat_interleave(samples // 10)
+    method = "euler" if objective == "flow" else "ddim"
+
+    def row(x: torch.Tensor, **what: Any) -> dict[str, Any]:
+        return {**what, "samples": len(x), "class_accuracy": class_accuracy(evaluator, x, labels),
+                "fd": fd_score(evaluator, test_x[:len(x)], x)}
+
+    sweep = [row(latent_class_samples(model, objective, labels, scale=s, steps=steps), scale=s) for s in
+             tqdm(scales, desc=f"{name} guidance", disable=not progress, leave=False)]
+    table = []
+    samplers = [("euler", 0.0), ("heun", 0.0)] if objective == "flow" else [("ddim", 0.0), ("ddpm-strided", 1.0)]
+    for n in tqdm(step_table, desc=f"{name} steps", disable=not progress, leave=False):
+        for sampler, eta in samplers:
+            x = latent_class_samples(model, objective, labels, steps=n, method=sampler, eta=eta)
+            # Heun evaluates the model twice per step but once on the last one: 2n - 1 evaluations
+            table.append(row(x, sampler=sampler, steps=n, evaluations=2 * n - 1 if sampler == "heun" else n))
+    x = torch.zeros(1, 4, 8, 8, device=device)
+    t, y = torch.full((1,), 500.0, device=device), torch.zeros(1, dtype=torch.long, device=device)
+    return {"guidance_sweep": sweep, "steps_table": table, "sampler": f"{method} {steps} steps", "chance": 0.1,
+            "fd_floor": fd_floor(evaluator, "fashion_mnist", samples), "gflops": gflops(model, x, t, y=y),
+            "real_accuracy": class_accuracy(evaluator, *dataset_tensors("fashion_mnist", train=False))}

@@ -42,6 +42,8 @@ from .budget import get_device
 from .checkpoint import CheckpointError
 from .data import COLOR_NAMES, POSITION_NAMES, SHAPE_NAMES, Shapes, data_root, dataset_tensors, shapes_vocabulary
 from .diffusion import NoiseSchedule, diffusion_loss
+from .dit import DiT
+from .flow import flow_loss
 from .text import Tokenizer
 from .train import TrainConfig, train
 from .unet import TextUNet, UNet
@@ -50,7 +52,7 @@ from .vit import ViT
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 FORMAT = "vitdiff-book-checkpoint-v1"
-MODELS: dict[str, type[nn.Module]] = {"UNet": UNet, "TextUNet": TextUNet, "VAE": VAE, "ViT": ViT}
+MODELS: dict[str, type[nn.Module]] = {"UNet": UNet, "TextUNet": TextUNet, "VAE": VAE, "ViT": ViT, "DiT": DiT}
 
 
 class PretrainedError(CheckpointError):
@@ -67,7 +69,7 @@ class Recipe:
     model: str  # a key of MODELS
     config: dict[str, Any]  # the model's constructor arguments
     data: str  # a key of DATA: which tensors the loss sees
-    objective: str  # "epsilon" | "v" (diffusion), "vae", "classify"
+    objective: str  # "epsilon" | "v" (diffusion), "flow" (rectified flow, velocity), "vae", "classify"
     train: dict[str, Any]  # TrainConfig arguments (steps, batch_size, lr, ...)
     options: dict[str, Any] = field(default_factory=dict)  # objective details (schedule, label dropout, ...)
 
@@ -78,10 +80,14 @@ _ADAM = {"weight_decay": 0.0, "grad_clip": 1.0, "seed": 0}
 _SMALL_UNET = {"base_channels": 16, "channel_mult": [1, 2, 2], "num_res_blocks": 1, "attention_resolutions": [2],
                "num_heads": 4, "groups": 8}
 
+_LATENT_DIT = {"input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 128, "depth": 6, "num_heads": 4,
+               "mlp_ratio": 4.0, "class_dropout_prob": 0.1, "num_classes": 10, "learn_sigma": False}
+_DIT_TRAIN = {"steps": 1200, "batch_size": 128, "lr": 1e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM}
+
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("mnist_ddpm", "04", "unconditional MNIST, DDPM ε-prediction, linear schedule (Ho et al. 2020)",
            "UNet", {"in_channels": 1, **_SMALL_UNET}, "mnist", "epsilon",
-           {"steps": 800, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM},
+           {"steps": 1600, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM},
            {"schedule": "linear"}),
     Recipe("fmnist_cfg", "05", "class-conditional Fashion-MNIST with label dropout for classifier-free guidance",
            "UNet", {"in_channels": 1, "num_classes": 10, **_SMALL_UNET}, "fashion_mnist_labels", "v",
@@ -123,6 +129,31 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            {"steps": 2000, "batch_size": 128, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.05,
             "min_lr_ratio": 0.01, "ema_decay": 0.998, "grad_clip": 1.0, "seed": 0},
            {"max_shift": 2, "flip": True}),
+    # chapters 07 and 08: class-conditional Fashion-MNIST in the fmnist_vae latent space (4x8x8)
+    Recipe("fmnist_dit", "07", "class-conditional DiT (width 128, 6 blocks, patch 2) on fmnist_vae latents, "
+           "rectified flow with logit-normal timesteps (SD3)",
+           "DiT", _LATENT_DIT, "fashion_mnist_latents_labels", "flow", _DIT_TRAIN,
+           {"vae": "fmnist_vae", "timestep_sampler": "logit-normal"}),
+    Recipe("fmnist_dit_eps", "08", "the same DiT trained with DDPM ε-prediction (cosine schedule) for as many steps",
+           "DiT", _LATENT_DIT, "fashion_mnist_latents_labels", "epsilon", _DIT_TRAIN,
+           {"vae": "fmnist_vae", "schedule": "cosine"}),
+    Recipe("fmnist_unet_flow", "07", "class-conditional U-Net with about the DiT's parameters on the same latents, "
+           "same objective, trained for about the DiT's time",
+           "UNet", {"in_channels": 4, "base_channels": 44, "channel_mult": [1, 2], "num_res_blocks": 1,
+                    "attention_resolutions": [1], "num_heads": 4, "groups": 4, "num_classes": 10},
+           "fashion_mnist_latents_labels", "flow", {**_DIT_TRAIN, "steps": 700},
+           {"vae": "fmnist_vae", "timestep_sampler": "logit-normal", "label_dropout": 0.1}),
+] + [
+    # chapter 07's conditioning ablation and chapter 08's timestep-sampler comparison, at a smaller size
+    Recipe(f"ablation_{tag}", "07" if sampler == "logit-normal" else "08",
+           f"small DiT (width 96, 4 blocks), conditioning {conditioning}, {sampler} timesteps",
+           "DiT", {**_LATENT_DIT, "hidden_size": 96, "depth": 4, "num_heads": 4, "conditioning": conditioning},
+           "fashion_mnist_latents_labels", "flow", {**_DIT_TRAIN, "steps": 500},
+           {"vae": "fmnist_vae", "timestep_sampler": sampler})
+    for tag, conditioning, sampler in [("adaln_zero", "adaln-zero", "logit-normal"), ("adaln", "adaln", "logit-normal"),
+                                       ("cross_attention", "cross-attention", "logit-normal"),
+                                       ("in_context", "in-context", "logit-normal"),
+                                       ("uniform", "adaln-zero", "uniform")]
 ]}
 
 
@@ -161,11 +192,26 @@ def _pad32(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def _latents(vae_name: str, device: torch.device) -> torch.Tensor:
+def latent_dataset(vae_name: str = "fmnist_vae", device: str | torch.device | None = None, train: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST (padded to 32x32) encoded by a book VAE: scaled latents (N, 4, 8, 8) and labels (N,).
+
+    Cached under <data root>/latents/, keyed by the VAE's sha256, since encoding 60,000 images takes a while."""
+    meta = info(vae_name)
+    cache = data_root() / "latents" / f"{vae_name}-{'train' if train else 'test'}-{meta['sha256'][:16]}.pt"
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+        return saved["latents"], saved["labels"]
+    device = get_device(device)
     vae = load(vae_name, device=device)
-    images, _ = dataset_tensors("fashion_mnist", train=True)
+    images, labels = dataset_tensors("fashion_mnist", train=train)
     x = _pad32(images * 2 - 1)
-    return torch.cat([vae.encode_latents(x[i:i + 1000].to(device)).cpu() for i in range(0, len(x), 1000)])
+    latents = torch.cat([vae.encode_latents(x[i:i + 1000].to(device)).float().cpu() for i in range(0, len(x), 1000)])
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(cache.name + ".tmp")
+    torch.save({"latents": latents, "labels": labels}, tmp)
+    os.replace(tmp, cache)
+    return latents, labels
 
 
 def recipe_data(r: Recipe, device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
@@ -183,7 +229,9 @@ def recipe_data(r: Recipe, device: torch.device | None = None) -> tuple[torch.Te
     if r.data == "fashion_mnist_32":
         return (_pad32(dataset_tensors("fashion_mnist")[0] * 2 - 1),)
     if r.data == "fashion_mnist_latents":
-        return (_latents(r.options["vae"], device),)
+        return (latent_dataset(r.options["vae"], device)[0],)
+    if r.data == "fashion_mnist_latents_labels":
+        return latent_dataset(r.options["vae"], device)
     if r.data in ("shapes", "shapes_images"):
         images, _, labels = Shapes(size=10_000, img_size=32, seed=0).tensors()
         return (images * 2 - 1, labels[:, 0]) if r.data == "shapes" else (images * 2 - 1,)
@@ -214,6 +262,8 @@ def recipe_loss(r: Recipe, device: torch.device) -> Callable[[nn.Module, tuple[t
                 ids = table[variant, (labels * weights).sum(dim=1)]  # (B, L)
                 return diffusion_loss(model, schedule, x0, r.objective, ids=ids, ids_mask=ids != tokenizer.pad_id)
             return text_loss
+        if r.config.get("num_classes") and r.model == "DiT":  # the DiT drops labels itself (class_dropout_prob)
+            return lambda model, batch: diffusion_loss(model, schedule, batch[0], r.objective, y=batch[1])
         if r.config.get("num_classes"):
             null, p = r.config["num_classes"], o.get("label_dropout", 0.1)
 
@@ -223,6 +273,19 @@ def recipe_loss(r: Recipe, device: torch.device) -> Callable[[nn.Module, tuple[t
                 return diffusion_loss(model, schedule, x0, r.objective, y=torch.where(drop, null, y))
             return class_loss
         return lambda model, batch: diffusion_loss(model, schedule, batch[0], r.objective)
+    if r.objective == "flow":
+        sampler = o.get("timestep_sampler", "logit-normal")
+        if not r.config.get("num_classes"):
+            return lambda model, batch: flow_loss(model, batch[0], sampler)
+        if r.model == "DiT":
+            return lambda model, batch: flow_loss(model, batch[0], sampler, y=batch[1])
+        null, p = r.config["num_classes"], o.get("label_dropout", 0.1)
+
+        def class_flow_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            x0, y = batch
+            drop = torch.rand(len(y), device=y.device) < p  # label dropout for classifier-free guidance
+            return flow_loss(model, x0, sampler, y=torch.where(drop, null, y))
+        return class_flow_loss
     if r.objective == "vae":
         return lambda model, batch: vae_loss(model, batch, beta=o["beta"], recon=o["recon"])
     if r.objective == "classify":
@@ -336,6 +399,7 @@ def train_recipe(name: str, *, steps: int | None = None, directory: str | os.Pat
     train_args["warmup_steps"] = min(train_args.get("warmup_steps", 0), train_args["steps"])
     config = TrainConfig(**train_args, checkpoint_dir=str(run_dir), checkpoint_every=100,
                          channels_last=r.model in ("UNet", "TextUNet", "VAE"))
+    cpu_tic = time.process_time()
     data = recipe_data(r, device)
     torch.manual_seed(r.train.get("seed", 0))
     model = build_model(r)
@@ -359,7 +423,8 @@ def train_recipe(name: str, *, steps: int | None = None, directory: str | os.Pat
         "format": FORMAT, "name": name, "recipe": _jsonable(asdict(r)), "model_class": r.model,
         "model_config": _jsonable(final.config), "parameters": sum(p.numel() for p in final.parameters()),
         "steps": len(history.loss), "images_seen": history.examples,
-        "train_seconds": round(history.seconds, 1), "wall_seconds_this_call": round(time.perf_counter() - tic, 1),
+        "train_seconds": round(history.seconds, 1), "cpu_seconds_this_call": round(time.process_time() - cpu_tic, 1),
+        "wall_seconds_this_call": round(time.perf_counter() - tic, 1),
         "final_loss": sum(history.loss[-50:]) / len(history.loss[-50:]),
         "loss_curve": [round(v, 5) for v in history.loss[:: max(1, len(history.loss) // 100)]],
         "device": device.type, "device_name": (torch.cuda.get_device_name(device) if device.type == "cuda"
