@@ -12,7 +12,7 @@ import torch
 from vitdiff import pretrained
 from vitdiff.metrics import evaluator_data, get_evaluator
 
-SHIPPED = sorted(pretrained.RECIPES)
+SHIPPED = sorted(set(pretrained.RECIPES) - pretrained.PLANNED)
 
 
 @pytest.mark.parametrize("name", SHIPPED)

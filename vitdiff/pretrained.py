@@ -96,11 +96,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("shapes_text", "05", "text-conditional captioned Shapes (32x32): U-Net with cross-attention and a "
            "jointly trained text encoder, caption dropout for guidance",
            "TextUNet", {"unet": {"in_channels": 3, "base_channels": 24, "channel_mult": [1, 2, 2],
-                                 "num_res_blocks": 1, "attention_resolutions": [1, 2], "num_heads": 4,
+                                 "num_res_blocks": 1, "attention_resolutions": [2], "num_heads": 4,
                                  "context_dim": 64, "groups": 8},
                         "encoder": {"vocab_size": 17, "max_length": 8, "dim": 64, "depth": 1, "num_heads": 4}},
            "shapes", "v",
-           {"steps": 700, "batch_size": 64, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM},
+           {"steps": 1600, "batch_size": 64, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM},
            {"schedule": "cosine", "caption_variant_probs": [0.55, 0.1, 0.1, 0.1, 0.15]}),
     Recipe("shapes_vae", "06", "VAE on captioned Shapes (32x32 RGB -> 4x8x8 latents), SD-style small β",
            "VAE", {"in_channels": 3, "latent_channels": 4, "base_channels": 16, "channel_mult": [1, 2, 2]},
@@ -116,11 +116,11 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            "UNet", {"in_channels": 4, "base_channels": 40, "channel_mult": [1, 2], "num_res_blocks": 1,
                     "attention_resolutions": [1], "num_heads": 4, "groups": 8},
            "fashion_mnist_latents", "v",
-           {"steps": 1000, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM},
+           {"steps": 1750, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM},
            {"schedule": "cosine", "vae": "fmnist_vae"}),
     Recipe("fmnist_pixel", "06", "unconditional pixel diffusion on Fashion-MNIST, trained as long as fmnist_latent",
            "UNet", {"in_channels": 1, **_SMALL_UNET}, "fashion_mnist", "v",
-           {"steps": 350, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM},
+           {"steps": 790, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM},
            {"schedule": "cosine"}),
     Recipe("fmnist_vit", "03", "ViT (patch 4, width 64, 4 blocks) classifying Fashion-MNIST",
            "ViT", {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 64, "depth": 4,
@@ -155,6 +155,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
                                        ("in_context", "in-context", "logit-normal"),
                                        ("uniform", "adaln-zero", "uniform")]
 ]}
+
+
+# Recipes defined but not yet trained and committed (they need more CPU time than a session had; the GPU book
+# run, `python -m vitdiff.book run --budget full`, trains them with the rest). `load` gives a clear error for them.
+PLANNED: frozenset[str] = frozenset({"fmnist_unet_flow", "ablation_cross_attention", "ablation_in_context",
+                                     "ablation_uniform"})
 
 
 def recipe(name: str) -> Recipe:
