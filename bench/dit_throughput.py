@@ -7,11 +7,11 @@ images per second and prints the ratio vitdiff / diffusers. Run `python bench/di
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import statistics
 import time
 
+import _ratio_bench  # bench/ is on sys.path when a script here runs
 import torch
 import torch.nn.functional as F
 from diffusers import DiTTransformer2DModel
@@ -107,56 +107,9 @@ def bench_config(name: str, device: torch.device, batch_size: int | None, steps:
                 vitdiff=ours_rate, diffusers=their_rate, ratio=ours_rate / their_rate, max_diff=max_diff)
 
 
-def print_table(rows: list[dict], device: torch.device, amp: bool) -> None:
-    """A plain-text table: one row per configuration."""
-    precision = "bf16 autocast" if amp else "float32"
-    threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
-    print(f"\nDiT forward+backward throughput on {device.type}{threads}, {precision} (median images/s)")
-    header = f"{'config':<8} {'params':>7} {'batch':>5} {'tokens':>6} {'vitdiff':>9} {'diffusers':>9} " \
-             f"{'vitdiff/diffusers':>17} {'max|Δout|':>9}"
-    print(header)
-    print("-" * len(header))
-    for r in rows:
-        print(f"{r['config']:<8} {r['params'] / 1e6:>6.1f}M {r['batch']:>5} {r['tokens']:>6} {r['vitdiff']:>9.1f} "
-              f"{r['diffusers']:>9.1f} {r['ratio']:>17.3f} {r['max_diff']:>9.1e}")
-
-
 def main() -> None:
     """Parse the command line, run every requested configuration and print the table."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                        help="cpu or cuda (default: cuda when available)")
-    parser.add_argument("--configs", default=None,
-                        help=f"comma-separated names from {sorted(CONFIGS)} (default: {DEFAULT_CONFIGS})")
-    parser.add_argument("--batch-size", type=int, default=None, help="override each config's batch size")
-    parser.add_argument("--steps", type=int, default=None, help="training passes per timed run "
-                        "(default: 3 on CPU, 20 on CUDA)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed runs per model; the median is reported")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed passes per model before timing")
-    parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
-                        help="bf16 autocast (default: on for CUDA, off for CPU)")
-    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
-    args = parser.parse_args()
-
-    device = torch.device(args.device)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        parser.error("--device cuda was asked for, but CUDA is not available")
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    names = (args.configs or DEFAULT_CONFIGS.get(device.type, DEFAULT_CONFIGS["cpu"])).split(",")
-    unknown = [n for n in names if n not in CONFIGS]
-    if unknown:
-        parser.error(f"unknown config(s) {unknown}; choose from {sorted(CONFIGS)}")
-    for value, flag in ((args.batch_size, "--batch-size"), (args.steps, "--steps"), (args.repeats, "--repeats")):
-        if value is not None and value <= 0:
-            parser.error(f"{flag} must be positive, got {value}")
-    steps = args.steps or (20 if device.type == "cuda" else 3)
-    amp = args.amp if args.amp is not None else device.type == "cuda"
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = True
-
-    rows = [bench_config(name, device, args.batch_size, steps, args.repeats, args.warmup, amp) for name in names]
-    print_table(rows, device, amp)
+    _ratio_bench.run(__doc__.splitlines()[0], "DiT", CONFIGS, DEFAULT_CONFIGS, bench_config, width=8)
 
 
 if __name__ == "__main__":
