@@ -254,3 +254,56 @@ def test_overfits_one_batch():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < 0.1 * losses[0]
+
+
+def _jitter(model: torch.nn.Module) -> torch.nn.Module:
+    """Perturb every weight (a fresh U-Net's output layer is all zero, which would hide any difference)."""
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model.eval()
+
+
+def test_pooled_vector_is_added_to_the_timestep_embedding():
+    torch.manual_seed(0)
+    model = _jitter(UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), attention_resolutions=(), groups=4,
+                         pooled_dim=6))
+    assert model.config["pooled_dim"] == 6
+    x, t, pooled = torch.randn(2, 1, 8, 8), torch.tensor([3, 700]), torch.randn(2, 6)
+    with torch.no_grad():
+        out = model(x, t, pooled=pooled)
+        other = model(x, t, pooled=pooled.flip(0))
+        # the pooled vector enters only through emb = time_embed(t) + pooled_embed(pooled): with its projection
+        # zeroed, the model is the plain U-Net whatever `pooled` holds
+        model.pooled_embed.weight.zero_()
+        model.pooled_embed.bias.zero_()
+        zeroed = model(x, t, pooled=pooled)
+        plain = UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), attention_resolutions=(), groups=4)
+        plain.load_state_dict({k: v for k, v in model.state_dict().items() if not k.startswith("pooled_embed")})
+        assert torch.allclose(zeroed, plain.eval()(x, t), atol=1e-6)
+    assert (out - other).abs().mean() > 1e-3, "the pooled vector must change the prediction"
+    with pytest.raises(ValueError, match="pooled=.*got None"):
+        model(x, t)
+    with pytest.raises(ValueError, match="got \\(2, 5\\)"):
+        model(x, t, pooled=torch.randn(2, 5))
+    with pytest.raises(ValueError, match="no pooled conditioning"):
+        UNet(in_channels=1, base_channels=8, channel_mult=(1, 2), attention_resolutions=(), groups=4)(
+            x, t, pooled=pooled)
+
+
+def test_coordinate_channels_hold_y_and_x_in_minus_one_to_one():
+    model = _jitter(UNet(in_channels=3, base_channels=8, channel_mult=(1, 2), attention_resolutions=(), groups=4,
+                         coord_channels=True))
+    assert model.conv_in.in_channels == 5 and model.config["coord_channels"] is True
+    seen = []
+    model.conv_in.register_forward_hook(lambda module, inputs, output: seen.append(inputs[0]))
+    x = torch.randn(2, 3, 6, 10)
+    with torch.no_grad():
+        model(x, torch.tensor([1, 2]))
+    inp = seen[0]  # (B, 5, H, W)
+    assert torch.equal(inp[:, :3], x)
+    assert torch.allclose(inp[0, 3], torch.linspace(-1, 1, 6)[:, None].expand(6, 10))  # y: top -1, bottom +1
+    assert torch.allclose(inp[1, 4], torch.linspace(-1, 1, 10)[None, :].expand(6, 10))  # x: left -1, right +1
+    assert "coord_channels" not in UNet(in_channels=1, base_channels=8, channel_mult=(1, 2),
+                                        attention_resolutions=(), groups=4).config  # old configs stay valid

@@ -154,7 +154,8 @@ class UNet(nn.Module):
     def __init__(self, in_channels: int = 1, out_channels: int | None = None, base_channels: int = 64,
                  channel_mult: tuple[int, ...] = (1, 2, 2), num_res_blocks: int = 2,
                  attention_resolutions: tuple[int, ...] = (2,), num_heads: int = 4, num_classes: int | None = None,
-                 context_dim: int | None = None, dropout: float = 0.0, groups: int = 32):
+                 context_dim: int | None = None, dropout: float = 0.0, groups: int = 32,
+                 pooled_dim: int | None = None, coord_channels: bool = False):
         super().__init__()
         channel_mult, attention_resolutions = tuple(channel_mult), tuple(attention_resolutions)
         if not channel_mult or any(not isinstance(m, int) or m <= 0 for m in channel_mult):
@@ -168,23 +169,31 @@ class UNet(nn.Module):
         for name, value in (("in_channels", in_channels), ("base_channels", base_channels),
                             ("num_res_blocks", num_res_blocks), ("num_heads", num_heads), ("groups", groups)):
             _check_positive_int(name, value)
-        for name, value in (("out_channels", out_channels), ("context_dim", context_dim)):
+        for name, value in (("out_channels", out_channels), ("context_dim", context_dim), ("pooled_dim", pooled_dim)):
             if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value <= 0):
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         if isinstance(dropout, bool) or not isinstance(dropout, (int, float)) or not 0 <= dropout < 1:
             raise ValueError(f"dropout must be a probability in [0, 1), got {dropout!r}")
         out_channels = out_channels or in_channels
         self.in_channels, self.out_channels = in_channels, out_channels
-        self.num_classes, self.context_dim = num_classes, context_dim
+        self.num_classes, self.context_dim, self.pooled_dim = num_classes, context_dim, pooled_dim
         self.size_divisor = 2 ** (levels - 1)  # H and W must be multiples of this
         self.config = dict(in_channels=in_channels, out_channels=out_channels, base_channels=base_channels,
                            channel_mult=list(channel_mult), num_res_blocks=num_res_blocks,
                            attention_resolutions=list(attention_resolutions), num_heads=num_heads,
                            num_classes=num_classes, context_dim=context_dim, dropout=dropout, groups=groups)
+        if pooled_dim is not None:  # only recorded when used, so older configs and checkpoints stay valid
+            self.config["pooled_dim"] = pooled_dim
+        if coord_channels:
+            self.config["coord_channels"] = True
+        self.coord_channels = bool(coord_channels)
 
         emb_dim = 4 * base_channels
         self.time_embed = TimestepEmbedder(emb_dim)
         self.label_embed = nn.Embedding(num_classes + 1, emb_dim) if num_classes is not None else None
+        # A global text vector (e.g. the mean of the caption's tokens) added to the timestep embedding, as
+        # SDXL and Imagen add a pooled text embedding: every ResBlock then sees the whole caption at once.
+        self.pooled_embed = nn.Linear(pooled_dim, emb_dim) if pooled_dim is not None else None
 
         def res_block(ch_in: int, ch_out: int) -> ResBlock:
             return ResBlock(ch_in, ch_out, emb_dim, dropout, groups)
@@ -193,7 +202,10 @@ class UNet(nn.Module):
             return SpatialTransformer(ch, num_heads, context_dim, groups)
 
         # Down path: every block's output is kept as a skip for the up path.
-        self.conv_in = nn.Conv2d(in_channels, base_channels, 3, padding=1)
+        # coord_channels: two fixed input channels holding x and y in [-1, 1] (CoordConv, Liu et al. 2018).
+        # Convolutions are translation-equivariant and a pooled caption is one global vector, so without them
+        # a U-Net has no way to put "at the top left" where it belongs.
+        self.conv_in = nn.Conv2d(in_channels + 2 * self.coord_channels, base_channels, 3, padding=1)
         ch, skip_channels = base_channels, [base_channels]
         self.down = nn.ModuleList()
         for level, mult in enumerate(channel_mult):
@@ -226,8 +238,14 @@ class UNet(nn.Module):
                                  zero_init(nn.Conv2d(ch, out_channels, 3, padding=1)))
 
     def _check_inputs(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None,
-                      context: torch.Tensor | None, context_mask: torch.Tensor | None) -> torch.Tensor:
-        """Raise a clear error for inputs this model cannot take; return t as a (B,) tensor."""
+                      context: torch.Tensor | None, context_mask: torch.Tensor | None,
+                      pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """Raise a clear error for inputs this model cannot take; return t as a (B,) tensor.
+
+        Checks of tensor values (timestep range, label range, empty masks) are skipped while torch.compile
+        traces the model: they need the values on the host and would break the graph.
+        """
+        values = not torch.compiler.is_compiling()
         if x.ndim != 4:
             raise ValueError(f"x must be images (B, C, H, W), got shape {tuple(x.shape)}")
         b, c, h, w = x.shape
@@ -244,7 +262,7 @@ class UNet(nn.Module):
             t = t.expand(b)
         if t.shape != (b,):
             raise ValueError(f"t must be a scalar or have shape (B,)=({b},), got shape {tuple(t.shape)}")
-        if not ((t >= 0) & (t <= self.MAX_TIMESTEP)).all():  # one cheap reduction; NaN fails it too
+        if values and not ((t >= 0) & (t <= self.MAX_TIMESTEP)).all():  # one cheap reduction; NaN fails it too
             raise ValueError(f"t must hold timesteps in [0, {self.MAX_TIMESTEP}] (the DDPM/diffusers scale), "
                              f"got values in [{t.min().item():g}, {t.max().item():g}]")
         if self.num_classes is None and y is not None:
@@ -255,7 +273,7 @@ class UNet(nn.Module):
                                  f"({self.num_classes} is the null label for unconditional predictions)")
             if y.shape != (b,) or y.dtype not in (torch.int32, torch.int64):
                 raise ValueError(f"y must be integer labels of shape ({b},), got {y.dtype} {tuple(y.shape)}")
-            if y.min() < 0 or y.max() > self.num_classes:
+            if values and (y.min() < 0 or y.max() > self.num_classes):
                 raise ValueError(f"y must lie in 0..{self.num_classes} (num_classes={self.num_classes} is the "
                                  f"null label), got values in {int(y.min())}..{int(y.max())}")
         if self.context_dim is None and (context is not None or context_mask is not None):
@@ -271,18 +289,33 @@ class UNet(nn.Module):
                 if context_mask.dtype != torch.bool or context_mask.shape != context.shape[:2]:
                     raise ValueError(f"context_mask must be bool of shape {tuple(context.shape[:2])} "
                                      f"(True = real token), got {context_mask.dtype} {tuple(context_mask.shape)}")
-                if not context_mask.any(dim=1).all():
+                if values and not context_mask.any(dim=1).all():
                     raise ValueError("every row of context_mask needs at least one True (real) token")
+        if self.pooled_dim is None and pooled is not None:
+            raise ValueError("pooled was given but this UNet has no pooled conditioning (pooled_dim=None)")
+        if self.pooled_dim is not None and (pooled is None or pooled.shape != (b, self.pooled_dim)):
+            got = "None" if pooled is None else tuple(pooled.shape)
+            raise ValueError(f"this UNet adds a pooled text vector to its timestep embedding: pass "
+                             f"pooled=(B, pooled_dim)=({b}, {self.pooled_dim}), got {got}")
         return t
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor | None = None,
-                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None) -> torch.Tensor:
-        """x (B, C, H, W), t (B,), y (B,), context (B, M, D_ctx), context_mask (B, M) -> (B, C_out, H, W)."""
-        t = self._check_inputs(x, t, y, context, context_mask)
+                context: torch.Tensor | None = None, context_mask: torch.Tensor | None = None,
+                pooled: torch.Tensor | None = None) -> torch.Tensor:
+        """x (B, C, H, W), t (B,), y (B,), context (B, M, D_ctx), context_mask (B, M), pooled (B, D_pool)
+        -> (B, C_out, H, W)."""
+        t = self._check_inputs(x, t, y, context, context_mask, pooled)
         emb = self.time_embed(t)  # (B, E)
         if self.label_embed is not None:
             emb = emb + self.label_embed(y)
+        if self.pooled_embed is not None:
+            emb = emb + self.pooled_embed(pooled.to(emb.dtype))
 
+        if self.coord_channels:
+            ys = torch.linspace(-1, 1, x.shape[2], device=x.device, dtype=x.dtype)
+            xs = torch.linspace(-1, 1, x.shape[3], device=x.device, dtype=x.dtype)
+            grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij"))  # (2, H, W): y, x
+            x = torch.cat([x, grid.expand(x.shape[0], -1, -1, -1)], dim=1)  # (B, C + 2, H, W)
         h = self.conv_in(x)  # (B, base_channels, H, W)
         skips = [h]
         for block in self.down:
@@ -326,6 +359,9 @@ class TextUNet(nn.Module):
         super().__init__()
         from .text import TextEncoder  # text.py does not need the U-Net; keep the import one-way
 
+        if unet.get("pooled_dim") not in (None, encoder.get("dim")):
+            raise ValueError(f"unet pooled_dim={unet.get('pooled_dim')!r} must be None or the encoder dim="
+                             f"{encoder.get('dim')!r}")
         if unet.get("context_dim") != encoder.get("dim"):
             raise ValueError(f"unet context_dim={unet.get('context_dim')!r} must equal the encoder dim="
                              f"{encoder.get('dim')!r}")
@@ -334,12 +370,14 @@ class TextUNet(nn.Module):
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, ids_mask: torch.Tensor) -> torch.Tensor:
         """x (B, C, H, W), t (B,), ids (B, L), ids_mask (B, L) -> prediction (B, C, H, W)."""
-        context, context_mask, _ = self.encoder(ids, ids_mask)  # (B, L, D), (B, L)
-        return self.unet(x, t, context=context, context_mask=context_mask)
+        context, context_mask, pooled = self.encoder(ids, ids_mask)  # (B, L, D), (B, L), (B, D)
+        pooled = pooled if self.unet.pooled_dim is not None else None
+        return self.unet(x, t, context=context, context_mask=context_mask, pooled=pooled)
 
     @torch.no_grad()
     def cross_attention_maps(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor,
                              ids_mask: torch.Tensor) -> list[torch.Tensor]:
         """Cross-attention weights (B, heads, HW, L) of every SpatialTransformer, as UNet.cross_attention_maps."""
-        context, context_mask, _ = self.encoder(ids, ids_mask)
-        return self.unet.cross_attention_maps(x, t, context, context_mask)
+        context, context_mask, pooled = self.encoder(ids, ids_mask)
+        pooled = pooled if self.unet.pooled_dim is not None else None
+        return self.unet.cross_attention_maps(x, t, context, context_mask, pooled=pooled)
