@@ -297,3 +297,30 @@ class MMDiT(nn.Module):
         out = rearrange(x, "b (gh gw) (p q c) -> b c (gh p) (gw q)", gh=grid_h, p=self.patch_size,
                         q=self.patch_size)  # unpatchify (layers.unpatchify for an h × w grid)
         return (out, maps) if return_attn else out
+
+
+class TextMMDiT(nn.Module):
+    """An MMDiT and the small text encoder it reads, trained together (chapters 09 and 10), as TextUNet.
+
+    model(x, t, ids=(B, L) token ids, ids_mask=(B, L) bool) -> (B, C, H, W): the encoder's tokens are the
+    text stream (padding masked out of the joint attention) and their mean is the pooled vector added to
+    the timestep embedding, the roles CLIP/T5 tokens and CLIP's pooled output play in SD3. The empty caption
+    (just <eos>) is the null condition of classifier-free guidance.
+    """
+
+    def __init__(self, mmdit: dict, encoder: dict):
+        super().__init__()
+        from .text import TextEncoder  # text.py does not need the MMDiT; keep the import one-way
+
+        for key in ("context_dim", "pooled_dim"):
+            if mmdit.get(key) != encoder.get("dim"):
+                raise ValueError(f"mmdit {key}={mmdit.get(key)!r} must equal the encoder dim={encoder.get('dim')!r}")
+        self.mmdit, self.encoder = MMDiT(**mmdit), TextEncoder(**encoder)
+        self.config = {"mmdit": self.mmdit.config, "encoder": self.encoder.config}
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, ids_mask: torch.Tensor,
+                return_attn: bool = False):
+        """x (B, C, H, W), t (B,), ids (B, L), ids_mask (B, L) -> prediction (B, C, H, W) (and the attention
+        maps of every joint block over [text; image] with return_attn)."""
+        context, context_mask, pooled = self.encoder(ids, ids_mask)  # (B, L, D), (B, L), (B, D)
+        return self.mmdit(x, t, context, pooled, context_mask=context_mask, return_attn=return_attn)
