@@ -88,3 +88,36 @@ def test_the_evaluators_can_be_trusted(name, threshold):
     for head in range(labels.shape[1]):
         accuracy = (predictions[:, head] == labels[:, head]).float().mean().item()
         assert accuracy >= threshold, f"{name} evaluator head {head}: {accuracy:.3f} < {threshold}"
+
+
+def test_candidates_vary_only_the_model_or_the_steps_of_their_recipe():
+    assert pretrained.CANDIDATES and not set(pretrained.CANDIDATES) & set(pretrained.RECIPES)
+    for name, candidate in pretrained.CANDIDATES.items():
+        base = next(r for n, r in pretrained.RECIPES.items() if name.startswith(n + "_"))
+        assert pretrained.recipe(name) is candidate
+        assert (candidate.model, candidate.data, candidate.objective, candidate.options) == \
+            (base.model, base.data, base.objective, base.options)
+        assert {k: v for k, v in candidate.train.items() if k != "steps"} == \
+            {k: v for k, v in base.train.items() if k != "steps"}
+        assert candidate.config != base.config or candidate.train["steps"] != base.train["steps"]
+        pretrained.build_model(candidate)  # the config builds
+
+
+def test_held_out_combinations_leave_every_attribute_value_in_training():
+    from vitdiff.data import COLOR_NAMES, POSITION_NAMES, SHAPE_NAMES
+
+    held = set(pretrained.HELD_OUT)
+    assert len(held) == 7 and held <= set(pretrained.SHAPE_TRIPLES)
+    seen = [t for t in pretrained.SHAPE_TRIPLES if t not in held]
+    for k, names in enumerate((SHAPE_NAMES, COLOR_NAMES, POSITION_NAMES)):
+        assert {t[k] for t in seen} == set(range(len(names))), "every value of every attribute is still trained"
+    labels = torch.tensor(pretrained.SHAPE_TRIPLES).repeat(2, 1)  # (96, 3)
+    mask = pretrained.is_held_out(labels)
+    assert mask.sum() == 14
+    assert {tuple(row) for row in labels[mask].tolist()} == held
+
+
+def test_cpu_seconds_per_step_times_real_steps_on_one_thread():
+    threads = torch.get_num_threads()
+    seconds = pretrained.cpu_seconds_per_step("fmnist_vae", steps=1, warmup=1)
+    assert seconds > 0 and torch.get_num_threads() == threads, "the caller's thread count is restored"

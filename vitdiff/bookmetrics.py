@@ -192,10 +192,33 @@ def _vit(model: nn.Module, device: torch.device, progress: bool) -> dict[str, An
             "chance": 0.1}
 
 
+_GPU_OPTIONS: dict[str, dict[str, Any]] = {
+    "mnist_ddpm": {"samples": 1000, "samples_1000": 1000},
+    "shapes_text": {"per_prompt": 21},  # 48 prompts x 21 = 1,008 samples per guidance scale
+    "fmnist_dit": {"samples": 1000}, "fmnist_dit_eps": {"samples": 1000}, "fmnist_unet_flow": {"samples": 1000},
+    "ablation": {"samples": 1000},
+    "shapes_mmdit": {"per_prompt": 21}, "shapes_mmdit_holdout": {"per_prompt": 21},  # >= 1,000 samples per scale
+}
+
+
+def _family(name: str) -> str:
+    """The measurements a recipe gets: a candidate recipe (shapes_text_pool8, fmnist_vit_w96) is measured as its
+    family (shapes_text, fmnist_vit)."""
+    for family in ("shapes_text", "fmnist_vit"):
+        if name.startswith(family + "_"):
+            return family
+    return name
+
+
 def measure(name: str, model: nn.Module, device: torch.device, progress: bool = True, **options: Any
             ) -> dict[str, Any]:
     """The sidecar metrics of book checkpoint `name`; options (e.g. samples=1000) override the defaults."""
     torch.manual_seed(0)
+    if device.type == "cuda":  # a GPU measures every figure on >= 1,000 samples; a CPU run keeps the smaller defaults
+        family = "ablation" if name.startswith("ablation_") else _family(name)
+        for key, value in _GPU_OPTIONS.get(family, {}).items():
+            options.setdefault(key, value)
+    name = _family(name)
     if name == "mnist_ddpm":
         return _mnist_ddpm(model, device, progress, **options)
     if name == "fmnist_cfg":
@@ -214,6 +237,8 @@ def measure(name: str, model: nn.Module, device: torch.device, progress: bool = 
         if name.startswith("ablation_"):
             options.setdefault("scales", (1.0, 2.0))
         return _latent_dit(name, model, device, progress, **options)
+    if name in ("shapes_mmdit", "shapes_mmdit_holdout"):
+        return _shapes_mmdit(name, model, device, progress, **options)
     raise ValueError(f"no measurements defined for {name!r}")
 
 
@@ -236,17 +261,18 @@ def gflops(model: nn.Module, x: torch.Tensor, t: torch.Tensor, **cond: torch.Ten
 @torch.no_grad()
 def latent_class_samples(model: nn.Module, objective: str, labels: torch.Tensor, *, scale: float = 1.0,
                          steps: int = 20, method: str = "euler", eta: float = 0.0, seed: int = 0,
-                         batch_size: int = 250) -> torch.Tensor:
+                         batch_size: int = 250, schedule_name: str = "linear") -> torch.Tensor:
     """Class-conditional Fashion-MNIST samples (N, 1, 28, 28) in [0, 1] from a latent model and the fmnist_vae.
 
     objective "flow": `vitdiff.flow.sample` with `method` ("euler" | "heun"); "epsilon": DDIM with `eta`
-    (eta = 1: strided ancestral DDPM). scale > 1 guides against the null class (label 10)."""
+    (eta = 1: strided ancestral DDPM) under the noise schedule `schedule_name` the model was trained with.
+    scale > 1 guides against the null class (label 10)."""
     from . import flow
     from .pretrained import load
 
     device = next(model.parameters()).device
     vae = load("fmnist_vae", device=device)
-    schedule = NoiseSchedule(1000, "cosine").to(device)
+    schedule = NoiseSchedule(1000, schedule_name).to(device)
     generator = torch.Generator(device).manual_seed(seed)
     null = torch.full((1,), 10, dtype=torch.long, device=device)
     out = []
@@ -268,7 +294,7 @@ def _latent_dit(name: str, model: nn.Module, device: torch.device, progress: boo
                 step_table: tuple[int, ...] = ()) -> dict[str, Any]:
     from .pretrained import recipe
 
-    objective = recipe(name).objective
+    objective, schedule_name = recipe(name).objective, recipe(name).options.get("schedule", "linear")
     evaluator = get_evaluator("fashion_mnist", device=device)
     test_x, _ = dataset_tensors("fashion_mnist", train=False, limit=samples)
     labels = torch.arange(10).repeat_interleave(samples // 10)
@@ -278,13 +304,15 @@ def _latent_dit(name: str, model: nn.Module, device: torch.device, progress: boo
         return {**what, "samples": len(x), "class_accuracy": class_accuracy(evaluator, x, labels),
                 "fd": fd_score(evaluator, test_x[:len(x)], x)}
 
-    sweep = [row(latent_class_samples(model, objective, labels, scale=s, steps=steps), scale=s) for s in
+    sweep = [row(latent_class_samples(model, objective, labels, scale=s, steps=steps, schedule_name=schedule_name),
+                 scale=s) for s in
              tqdm(scales, desc=f"{name} guidance", disable=not progress, leave=False)]
     table = []
     samplers = [("euler", 0.0), ("heun", 0.0)] if objective == "flow" else [("ddim", 0.0), ("ddpm-strided", 1.0)]
     for n in tqdm(step_table, desc=f"{name} steps", disable=not progress, leave=False):
         for sampler, eta in samplers:
-            x = latent_class_samples(model, objective, labels, steps=n, method=sampler, eta=eta)
+            x = latent_class_samples(model, objective, labels, steps=n, method=sampler, eta=eta,
+                                     schedule_name=schedule_name)
             # Heun evaluates the model twice per step but once on the last one: 2n - 1 evaluations
             table.append(row(x, sampler=sampler, steps=n, evaluations=2 * n - 1 if sampler == "heun" else n))
     x = torch.zeros(1, 4, 8, 8, device=device)
@@ -292,3 +320,58 @@ def _latent_dit(name: str, model: nn.Module, device: torch.device, progress: boo
     return {"guidance_sweep": sweep, "steps_table": table, "sampler": f"{method} {steps} steps", "chance": 0.1,
             "fd_floor": fd_floor(evaluator, "fashion_mnist", samples), "gflops": gflops(model, x, t, y=y),
             "real_accuracy": class_accuracy(evaluator, *dataset_tensors("fashion_mnist", train=False))}
+
+
+# ----------------------------------------------------------------------------- chapters 09 and 10: text-to-image MMDiT
+
+
+@torch.no_grad()
+def shapes_latent_text_samples(model: nn.Module, labels: torch.Tensor, *, scale: float = 4.0, steps: int = 20,
+                               method: str = "euler", seed: int = 0, batch_size: int = 256,
+                               captions: list[str] | None = None, negative: str = "") -> torch.Tensor:
+    """Text-to-image samples (N, 3, 32, 32) in [0, 1] from a latent text model and the shapes_vae.
+
+    The captions are the full captions of `labels` (N, 3) unless `captions` is given; guidance `scale`
+    against the empty caption, or against `negative`. Rectified-flow sampling (`vitdiff.flow.sample`)."""
+    from . import flow
+    from .pretrained import load, shapes_tokenizer
+
+    device = next(model.parameters()).device
+    vae = load("shapes_vae", device=device)
+    tokenizer = shapes_tokenizer()
+    ids, mask = tokenizer.encode(captions if captions is not None else [shapes_caption([row]) for row in
+                                                                       labels.tolist()])
+    null_ids, null_mask = tokenizer.encode(negative)
+    uncond = {"ids": null_ids.to(device), "ids_mask": null_mask.to(device)}
+    generator = torch.Generator(device).manual_seed(seed)
+    out = []
+    for i0 in range(0, len(ids), batch_size):
+        c = {"ids": ids[i0:i0 + batch_size].to(device), "ids_mask": mask[i0:i0 + batch_size].to(device)}
+        denoiser = model if scale == 1.0 else classifier_free_guidance(model, scale, uncond)
+        noise = torch.randn((len(c["ids"]), 4, 8, 8), generator=generator, device=device)
+        z = flow.sample(denoiser, noise, steps=steps, method=method, progress=False, **c)
+        out.append(to01(vae.decode_latents(z)).cpu())
+    return torch.cat(out)
+
+
+def _shapes_mmdit(name: str, model: nn.Module, device: torch.device, progress: bool, per_prompt: int = 8,
+                  scales: tuple[float, ...] = (1.0, 2.0, 4.0, 6.0), steps: int = 20) -> dict[str, Any]:
+    """Prompt adherence over the guidance scale, on the seen and (for the holdout recipe) held-out prompts."""
+    from .pretrained import HELD_OUT, SHAPE_TRIPLES
+
+    evaluator = get_evaluator("shapes", device=device)
+    groups = {"seen": [t for t in SHAPE_TRIPLES if t not in HELD_OUT], "held_out": HELD_OUT} \
+        if name == "shapes_mmdit_holdout" else {"all": SHAPE_TRIPLES}
+    result: dict[str, Any] = {"sampler": f"euler {steps} steps", "chance": {"shape": 1 / 3, "color": 1 / 4,
+                                                                          "position": 1 / 4, "all": 1 / 48}}
+    for group, triples in groups.items():
+        labels = torch.tensor(triples).repeat_interleave(per_prompt, dim=0)
+        rows = []
+        for scale in tqdm(scales, desc=f"{name} {group}", disable=not progress, leave=False):
+            x = shapes_latent_text_samples(model, labels, scale=scale, steps=steps)
+            rows.append({"scale": scale, "samples": len(labels), **prompt_adherence(evaluator, x, labels),
+                         "diversity": feature_diversity(evaluator, x, len(triples))})
+        result[f"guidance_sweep_{group}"] = rows
+    real_images, _, real_labels = Shapes(size=1000, img_size=32, seed=1).tensors()
+    result["real"] = prompt_adherence(evaluator, real_images, real_labels[:, 0])
+    return result

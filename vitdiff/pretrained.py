@@ -44,6 +44,7 @@ from .data import COLOR_NAMES, POSITION_NAMES, SHAPE_NAMES, Shapes, data_root, d
 from .diffusion import NoiseSchedule, diffusion_loss
 from .dit import DiT
 from .flow import flow_loss
+from .mmdit import TextMMDiT
 from .text import Tokenizer
 from .train import TrainConfig, train
 from .unet import TextUNet, UNet
@@ -52,7 +53,8 @@ from .vit import ViT
 
 CHECKPOINT_DIR = Path(__file__).resolve().parent / "checkpoints"
 FORMAT = "vitdiff-book-checkpoint-v1"
-MODELS: dict[str, type[nn.Module]] = {"UNet": UNet, "TextUNet": TextUNet, "VAE": VAE, "ViT": ViT, "DiT": DiT}
+MODELS: dict[str, type[nn.Module]] = {"UNet": UNet, "TextUNet": TextUNet, "VAE": VAE, "ViT": ViT, "DiT": DiT,
+                                      "TextMMDiT": TextMMDiT}
 
 
 class PretrainedError(CheckpointError):
@@ -82,7 +84,13 @@ _SMALL_UNET = {"base_channels": 16, "channel_mult": [1, 2, 2], "num_res_blocks":
 
 _LATENT_DIT = {"input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 128, "depth": 6, "num_heads": 4,
                "mlp_ratio": 4.0, "class_dropout_prob": 0.1, "num_classes": 10, "learn_sigma": False}
-_DIT_TRAIN = {"steps": 1200, "batch_size": 128, "lr": 1e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM}
+_DIT_TRAIN = {"steps": 3000, "batch_size": 128, "lr": 1e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM}
+
+_CAPTION_PROBS = [0.55, 0.1, 0.1, 0.1, 0.15]  # full caption, no colour, no position, shape only, empty (null)
+_SHAPES_MMDIT = {"mmdit": {"input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 128, "depth": 4,
+                           "num_heads": 4, "mlp_ratio": 2.0, "context_dim": 64, "pooled_dim": 64},
+                 "encoder": {"vocab_size": 17, "max_length": 8, "dim": 64, "depth": 1, "num_heads": 4}}
+_MMDIT_TRAIN = {"steps": 4000, "batch_size": 128, "lr": 1e-3, "warmup_steps": 100, "ema_decay": 0.995, **_ADAM}
 
 RECIPES: dict[str, Recipe] = {r.name: r for r in [
     Recipe("mnist_ddpm", "04", "unconditional MNIST, DDPM ε-prediction, linear schedule (Ho et al. 2020)",
@@ -93,15 +101,16 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            "UNet", {"in_channels": 1, "num_classes": 10, **_SMALL_UNET}, "fashion_mnist_labels", "v",
            {"steps": 800, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM},
            {"schedule": "cosine", "label_dropout": 0.1}),
-    Recipe("shapes_text", "05", "text-conditional captioned Shapes (32x32): U-Net with cross-attention and a "
-           "jointly trained text encoder, caption dropout for guidance",
+    Recipe("shapes_text", "05", "text-conditional captioned Shapes (32x32): U-Net with cross-attention at 16x16 "
+           "and 8x8, the pooled caption added to the timestep embedding (SDXL, Imagen) and x, y coordinate input "
+           "channels, a jointly trained text encoder, caption dropout for guidance",
            "TextUNet", {"unet": {"in_channels": 3, "base_channels": 24, "channel_mult": [1, 2, 2],
-                                 "num_res_blocks": 1, "attention_resolutions": [2], "num_heads": 4,
-                                 "context_dim": 64, "groups": 8},
+                                 "num_res_blocks": 1, "attention_resolutions": [1, 2], "num_heads": 4,
+                                 "context_dim": 64, "groups": 8, "pooled_dim": 64, "coord_channels": True},
                         "encoder": {"vocab_size": 17, "max_length": 8, "dim": 64, "depth": 1, "num_heads": 4}},
            "shapes", "v",
-           {"steps": 1600, "batch_size": 64, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM},
-           {"schedule": "cosine", "caption_variant_probs": [0.55, 0.1, 0.1, 0.1, 0.15]}),
+           {"steps": 800, "batch_size": 64, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM},
+           {"schedule": "cosine", "caption_variant_probs": _CAPTION_PROBS}),
     Recipe("shapes_vae", "06", "VAE on captioned Shapes (32x32 RGB -> 4x8x8 latents), SD-style small β",
            "VAE", {"in_channels": 3, "latent_channels": 4, "base_channels": 16, "channel_mult": [1, 2, 2]},
            "shapes_images", "vae",
@@ -126,7 +135,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            "ViT", {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 64, "depth": 4,
                    "num_heads": 4, "mlp_ratio": 2.0},
            "fashion_mnist_labels01", "classify",
-           {"steps": 2000, "batch_size": 128, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.05,
+           {"steps": 8000, "batch_size": 128, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.05,
             "min_lr_ratio": 0.01, "ema_decay": 0.998, "grad_clip": 1.0, "seed": 0},
            {"max_shift": 2, "flip": True}),
     # chapters 07 and 08: class-conditional Fashion-MNIST in the fmnist_vae latent space (4x8x8)
@@ -134,21 +143,32 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            "rectified flow with logit-normal timesteps (SD3)",
            "DiT", _LATENT_DIT, "fashion_mnist_latents_labels", "flow", _DIT_TRAIN,
            {"vae": "fmnist_vae", "timestep_sampler": "logit-normal"}),
-    Recipe("fmnist_dit_eps", "08", "the same DiT trained with DDPM ε-prediction (cosine schedule) for as many steps",
+    # ε-prediction needs the linear schedule: the cosine one ends at ᾱ ≈ 0, where x0 = (x − √(1−ᾱ)ε)/√ᾱ
+    # multiplies every error of ε by thousands at the sampler's first step (v and flow have no such division)
+    Recipe("fmnist_dit_eps", "08", "the same DiT trained with DDPM ε-prediction (linear schedule) for as many steps",
            "DiT", _LATENT_DIT, "fashion_mnist_latents_labels", "epsilon", _DIT_TRAIN,
-           {"vae": "fmnist_vae", "schedule": "cosine"}),
+           {"vae": "fmnist_vae", "schedule": "linear"}),
     Recipe("fmnist_unet_flow", "07", "class-conditional U-Net with about the DiT's parameters on the same latents, "
            "same objective, trained for about the DiT's time",
            "UNet", {"in_channels": 4, "base_channels": 44, "channel_mult": [1, 2], "num_res_blocks": 1,
                     "attention_resolutions": [1], "num_heads": 4, "groups": 4, "num_classes": 10},
-           "fashion_mnist_latents_labels", "flow", {**_DIT_TRAIN, "steps": 700},
+           "fashion_mnist_latents_labels", "flow", {**_DIT_TRAIN, "steps": 2100},
            {"vae": "fmnist_vae", "timestep_sampler": "logit-normal", "label_dropout": 0.1}),
+    # chapters 09 and 10: text-to-image on captioned Shapes in the shapes_vae latent space (4x8x8), rectified flow
+    Recipe("shapes_mmdit", "09", "MMDiT (width 128, 4 joint blocks, patch 2) + jointly trained text encoder on "
+           "shapes_vae latents, rectified flow with logit-normal timesteps, caption dropout for guidance (SD3)",
+           "TextMMDiT", _SHAPES_MMDIT, "shapes_latents", "flow", _MMDIT_TRAIN,
+           {"vae": "shapes_vae", "timestep_sampler": "logit-normal", "caption_variant_probs": _CAPTION_PROBS}),
+    Recipe("shapes_mmdit_holdout", "10", "the shapes_mmdit recipe with the HELD_OUT colour x shape x position "
+           "combinations removed from its training images, to measure compositional generalisation",
+           "TextMMDiT", _SHAPES_MMDIT, "shapes_latents_holdout", "flow", _MMDIT_TRAIN,
+           {"vae": "shapes_vae", "timestep_sampler": "logit-normal", "caption_variant_probs": _CAPTION_PROBS}),
 ] + [
     # chapter 07's conditioning ablation and chapter 08's timestep-sampler comparison, at a smaller size
     Recipe(f"ablation_{tag}", "07" if sampler == "logit-normal" else "08",
            f"small DiT (width 96, 4 blocks), conditioning {conditioning}, {sampler} timesteps",
            "DiT", {**_LATENT_DIT, "hidden_size": 96, "depth": 4, "num_heads": 4, "conditioning": conditioning},
-           "fashion_mnist_latents_labels", "flow", {**_DIT_TRAIN, "steps": 500},
+           "fashion_mnist_latents_labels", "flow", {**_DIT_TRAIN, "steps": 3000},
            {"vae": "fmnist_vae", "timestep_sampler": sampler})
     for tag, conditioning, sampler in [("adaln_zero", "adaln-zero", "logit-normal"), ("adaln", "adaln", "logit-normal"),
                                        ("cross_attention", "cross-attention", "logit-normal"),
@@ -159,14 +179,38 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
 
 # Recipes defined but not yet trained and committed (they need more CPU time than a session had; the GPU book
 # run, `python -m vitdiff.book run --budget full`, trains them with the rest). `load` gives a clear error for them.
-PLANNED: frozenset[str] = frozenset({"fmnist_unet_flow", "ablation_cross_attention", "ablation_in_context",
-                                     "ablation_uniform"})
+PLANNED: frozenset[str] = frozenset({"fmnist_unet_flow", "shapes_mmdit", "shapes_mmdit_holdout"})
+
+
+def _variant(base: str, name: str, summary: str, steps: int, config: dict[str, Any] | None = None,
+             unet: dict[str, Any] | None = None) -> Recipe:
+    """A candidate: recipe `base` with another name, model config and step count (trainable, not shipped)."""
+    r = RECIPES[base]
+    new_config = {**r.config, **(config or {})}
+    if unet:
+        new_config["unet"] = {**r.config["unet"], **unet}
+    return Recipe(name, r.chapter, summary, r.model, new_config, r.data, r.objective, {**r.train, "steps": steps},
+                  r.options)
+
+
+# Candidates for a missed target: variants that each fit the 20-CPU-minute budget (steps x the seconds per step
+# measured on one core), trained side by side when a GPU is lent. The best measured one becomes the recipe.
+CANDIDATES: dict[str, Recipe] = {r.name: r for r in [
+    _variant("shapes_text", "shapes_text_pool8", "cross-attention at 8x8 only, plus the pooled caption", 1300,
+             unet={"attention_resolutions": [2]}),
+    _variant("shapes_text", "shapes_text_nopool", "cross-attention at 16x16 and 8x8, no pooled caption", 800,
+             unet={"pooled_dim": None}),
+    _variant("fmnist_vit", "fmnist_vit_w96", "ViT width 96, 6 blocks", 3200, config={"embed_dim": 96, "depth": 6}),
+    _variant("fmnist_vit", "fmnist_vit_w128", "ViT width 128, 6 blocks", 2200, config={"embed_dim": 128, "depth": 6}),
+]}
 
 
 def recipe(name: str) -> Recipe:
-    """The recipe called `name`; a ValueError lists the known names otherwise."""
+    """The recipe (or candidate recipe) called `name`; a ValueError lists the known names otherwise."""
     if not isinstance(name, str):
         raise TypeError(f"name must be a string, got {type(name).__name__}")
+    if name in CANDIDATES:
+        return CANDIDATES[name]
     if name not in RECIPES:
         raise ValueError(f"no book checkpoint recipe {name!r}; expected one of {sorted(RECIPES)}")
     return RECIPES[name]
@@ -214,7 +258,40 @@ def latent_dataset(vae_name: str = "fmnist_vae", device: str | torch.device | No
     x = _pad32(images * 2 - 1)
     latents = torch.cat([vae.encode_latents(x[i:i + 1000].to(device)).float().cpu() for i in range(0, len(x), 1000)])
     cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(cache.name + ".tmp")
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # several recipes may encode at once (book run --jobs)
+    torch.save({"latents": latents, "labels": labels}, tmp)
+    os.replace(tmp, cache)
+    return latents, labels
+
+
+# Chapter 10's held-out combinations: (shape, colour, position) with shape + colour + position ≡ 0 (mod 6), 7 of
+# the 48, chosen so that every shape, colour and position still appears in training, only not together.
+HELD_OUT = [triple for triple in SHAPE_TRIPLES if sum(triple) % 6 == 0]
+
+
+def is_held_out(labels: torch.Tensor) -> torch.Tensor:
+    """(N,) bool: which rows of labels (N, 3) = (shape, colour, position) are HELD_OUT combinations."""
+    return (labels[:, None, :] == torch.tensor(HELD_OUT, dtype=labels.dtype)[None]).all(dim=2).any(dim=1)
+
+
+@torch.no_grad()
+def shapes_latent_dataset(vae_name: str = "shapes_vae", device: str | torch.device | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor]:
+    """The captioned-Shapes training images (10,000, 32x32) encoded by a book VAE: scaled latents (N, 4, 8, 8)
+    and labels (N, 3) = (shape, colour, position); cached under <data root>/latents/ by the VAE's sha256."""
+    meta = info(vae_name)
+    cache = data_root() / "latents" / f"shapes-{vae_name}-{meta['sha256'][:16]}.pt"
+    if cache.is_file():
+        saved = torch.load(cache, weights_only=True)
+        return saved["latents"], saved["labels"]
+    device = get_device(device)
+    vae = load(vae_name, device=device)
+    images, _, labels = Shapes(size=10_000, img_size=32, seed=0).tensors()
+    x = images * 2 - 1
+    latents = torch.cat([vae.encode_latents(x[i:i + 1000].to(device)).float().cpu() for i in range(0, len(x), 1000)])
+    labels = labels[:, 0]
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
     torch.save({"latents": latents, "labels": labels}, tmp)
     os.replace(tmp, cache)
     return latents, labels
@@ -238,6 +315,12 @@ def recipe_data(r: Recipe, device: torch.device | None = None) -> tuple[torch.Te
         return (latent_dataset(r.options["vae"], device)[0],)
     if r.data == "fashion_mnist_latents_labels":
         return latent_dataset(r.options["vae"], device)
+    if r.data in ("shapes_latents", "shapes_latents_holdout"):
+        latents, labels = shapes_latent_dataset(r.options["vae"], device)
+        if r.data == "shapes_latents_holdout":
+            keep = ~is_held_out(labels)
+            latents, labels = latents[keep], labels[keep]
+        return latents, labels
     if r.data in ("shapes", "shapes_images"):
         images, _, labels = Shapes(size=10_000, img_size=32, seed=0).tensors()
         return (images * 2 - 1, labels[:, 0]) if r.data == "shapes" else (images * 2 - 1,)
@@ -279,6 +362,18 @@ def recipe_loss(r: Recipe, device: torch.device) -> Callable[[nn.Module, tuple[t
                 return diffusion_loss(model, schedule, x0, r.objective, y=torch.where(drop, null, y))
             return class_loss
         return lambda model, batch: diffusion_loss(model, schedule, batch[0], r.objective)
+    if r.objective == "flow" and r.model == "TextMMDiT":
+        sampler, tokenizer = o.get("timestep_sampler", "logit-normal"), shapes_tokenizer()
+        table = caption_table(tokenizer).to(device)  # (5, 48, L)
+        probs = torch.tensor(o["caption_variant_probs"], device=device)
+        weights = torch.tensor([16, 4, 1], device=device)
+
+        def text_flow_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
+            z0, labels = batch  # (B, 4, 8, 8) latents, (B, 3)
+            variant = torch.multinomial(probs, len(labels), replacement=True)  # which words survive
+            ids = table[variant, (labels * weights).sum(dim=1)]  # (B, L)
+            return flow_loss(model, z0, sampler, ids=ids, ids_mask=ids != tokenizer.pad_id)
+        return text_flow_loss
     if r.objective == "flow":
         sampler = o.get("timestep_sampler", "logit-normal")
         if not r.config.get("num_classes"):
@@ -458,6 +553,44 @@ def evaluate_recipe(name: str, directory: str | os.PathLike | None = None, devic
     meta["metrics"] = _jsonable(metrics)
     _write_json(paths(name, directory)[1], meta)
     return meta
+
+
+def cpu_seconds_per_step(name: str, steps: int = 5, warmup: int = 2) -> float:
+    """One-core CPU seconds per optimisation step of recipe `name`, timed now on a few real steps.
+
+    The recipe's model, loss, batch size and AdamW, on the CPU with one thread (restored afterwards). Recipes
+    are sized by this number (steps x seconds per step <= the CPU budget), whatever device trained them; data
+    loading and EMA add a few percent. Time it on an otherwise idle machine."""
+    r = recipe(name)
+    device = torch.device("cpu")
+    data = recipe_data(r, device)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        generator = torch.Generator().manual_seed(0)
+        torch.manual_seed(0)
+        model = build_model(r).train()
+        channels_last = r.model in ("UNet", "TextUNet", "VAE")
+        if channels_last:
+            model = model.to(memory_format=torch.channels_last)
+        loss_fn = recipe_loss(r, device)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=r.train["lr"])
+        tic = 0.0
+        for i in range(warmup + steps):
+            if i == warmup:
+                tic = time.perf_counter()
+            index = torch.randint(0, len(data[0]), (r.train["batch_size"],), generator=generator)
+            batch = tuple(d[index] for d in data)
+            if channels_last and batch[0].ndim == 4:
+                batch = (batch[0].contiguous(memory_format=torch.channels_last), *batch[1:])
+            out = loss_fn(model, batch)
+            loss = out[0] if isinstance(out, tuple) else out  # (loss, logs) or loss, as vitdiff.train reads it
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        return (time.perf_counter() - tic) / steps
+    finally:
+        torch.set_num_threads(threads)
 
 
 def book_model(name: str, device: str | torch.device | None = None, progress: bool = True
