@@ -92,3 +92,41 @@ def test_run_reports_a_failing_notebook_and_continues(capsys, tmp_path, monkeypa
     table = [line.split() for line in out.splitlines()]
     assert [row[0] for row in table if row[-1:] == ["ok"]] == ["02_ok.ipynb"]
     assert any(row[:1] == ["total"] for row in table)
+
+
+def test_jobs_run_notebooks_side_by_side_in_their_own_processes(capsys, tmp_path, monkeypatch):
+    """--jobs 2: both notebooks run at once, each in a subprocess; the failure is reported with its log."""
+    monkeypatch.setenv("VITDIFF_DATA", str(tmp_path / "data"))
+    folder = tmp_path / "notebooks"
+    folder.mkdir()
+    _notebook(folder / "01_bad.ipynb", "raise ValueError('boom')")
+    _notebook(folder / "02_ok.ipynb", "import os\nprint(os.environ['VITDIFF_BUDGET'])")
+    code, out = _run(capsys, "--budget", "quick", "--jobs", "2", "--notebook-dir", str(folder), "--timeout", "120")
+    assert code == 1
+    assert "2 at a time" in out
+    failed = next(line for line in out.splitlines() if line.startswith("FAILED 01_bad.ipynb"))
+    assert "ValueError" in failed and "boom" in failed and "book-logs" in failed
+    assert (tmp_path / "data" / "book-logs" / "01_bad.log").is_file()
+    ok = nbformat.read(folder / "02_ok.ipynb", as_version=4)
+    assert ok.cells[0].outputs[0]["text"].strip() == "quick"
+    assert not nbformat.read(folder / "01_bad.ipynb", as_version=4).cells[0].outputs
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--budget", "quick", "--jobs", "0"], "--jobs must be at least 1"),
+    (["--budget", "full", "--recipes", "nope", "--dry-run"], "no book checkpoint recipe 'nope'"),
+])
+def test_bad_parallel_arguments_are_clear_errors(capsys, argv, message):
+    with pytest.raises(SystemExit) as error:
+        book.main(["run", *argv])
+    assert error.value.code == 2
+    assert message in capsys.readouterr().err
+
+
+def test_recipes_option_lists_candidates_and_their_steps(capsys):
+    from vitdiff.pretrained import CANDIDATES
+
+    name = next(iter(CANDIDATES))
+    code, out = _run(capsys, "--budget", "quick", "--dry-run", "--recipes", f"fmnist_vae,{name}")
+    assert code == 0
+    assert f"{CANDIDATES[name].train['steps']:5d} steps" in out and "train and evaluate 2 recipes" in out

@@ -3,19 +3,26 @@
     python -m vitdiff.book run --budget full              # on a GPU: the target is <= 9 minutes in all
     python -m vitdiff.book run --budget quick             # on a CPU: the notebooks only (shipped checkpoints)
     python -m vitdiff.book run --budget full --dry-run    # what it would do, without doing it
+    python -m vitdiff.book run --budget full --jobs 6     # six recipes / notebooks at a time (one GPU is enough)
 
 Steps, in order: (a) train every book-checkpoint recipe (`vitdiff.pretrained`) and measure it, at the full
 budget or with --checkpoints; (b) execute notebooks/NN_*.ipynb in order with the budget in VITDIFF_BUDGET,
 writing each executed notebook back in place; (c) print a table of step times and each recipe's metrics.
 A failing step is reported and the run goes on; the exit code is 1 if any step failed. The output is a
 plain log (no progress bars), fit to be redirected to a file.
+
+With --jobs N > 1 the recipes, then the notebooks, run N at a time, each in its own process (a recipe built
+on a VAE waits for it); the book's models are small, so one GPU serves several at once. Each step's output
+goes to <data root>/book-logs/<step>.log, and a failing step's last lines are printed.
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -144,6 +151,72 @@ def _timed(steps: list[Step], name: str, action: Callable[[], Any]) -> bool:
     return error is None
 
 
+def _in_process(steps: list[Step], name: str, commands: list[list[str]], env: dict[str, str], log: Path,
+                after: list[threading.Event], done: threading.Event, ok: dict[str, bool], needs: list[str]) -> None:
+    """Run `commands` one after another in subprocesses as the step `name` (for --jobs > 1), output to `log`.
+
+    Waits for the events of `after` first (the recipes this one is built on); `done` is set at the end and
+    ok[name] says whether every command succeeded."""
+    for event in after:
+        event.wait()
+    tic, error = time.perf_counter(), None
+    failed_needs = [n for n in needs if not ok.get(n)]
+    if failed_needs:
+        error = f"not run: it needs {', '.join(failed_needs)}, which failed"
+    else:
+        log.parent.mkdir(parents=True, exist_ok=True)
+        with log.open("w") as out:
+            for command in commands:
+                code = subprocess.run(command, stdout=out, stderr=subprocess.STDOUT, env=env).returncode
+                if code != 0:
+                    lines = [line for line in log.read_text(errors="replace").splitlines() if line.strip()]
+                    error = (lines[-1].strip() if lines else f"exit code {code}") + f" (log: {log})"
+                    break
+    seconds = time.perf_counter() - tic
+    steps.append(Step(name, seconds, error))  # list.append is atomic: safe from several threads
+    ok[name] = error is None
+    print(f"   {name}: {'FAILED: ' + error if error else 'ok'} ({seconds:.1f} s)", flush=True)
+    done.set()
+
+
+def _run_parallel(steps: list[Step], jobs: int, recipes: list[str], notebooks: list[Path], device: Any,
+                  budget: str, timeout: float) -> None:
+    """--jobs > 1: the recipes `jobs` at a time (each after the VAE it is built on), then the notebooks."""
+    from .data import data_root
+    from .pretrained import recipe
+
+    logs = data_root() / "book-logs"
+    child_env = {**kernel_env(budget), "TQDM_DISABLE": "1", "PYTHONUNBUFFERED": "1"}
+    python = [sys.executable, "-m"]
+    events = {name: threading.Event() for name in recipes}
+    ok: dict[str, bool] = {}
+    for phase, items in (("recipes", recipes), ("notebooks", notebooks)):
+        print(f"-- {phase}: {len(items)}, {jobs} at a time", flush=True)
+        threads = []
+        for item in items:
+            if phase == "recipes":
+                name = str(item)
+                needs = [n for n in (recipe(name).options.get("vae"),) if n in events]
+                commands = [python + ["vitdiff.pretrained", command, name, "--device", str(device)]
+                            for command in ("train", "evaluate")]
+                args = (f"train+evaluate {name}", commands, child_env, logs / f"{name}.log",
+                        [events[n] for n in needs], events[name], ok, [f"train+evaluate {n}" for n in needs])
+            else:
+                path = Path(item)
+                commands = [python + ["vitdiff.book", "notebook", str(path), "--budget", budget,
+                                      "--timeout", str(timeout)]]
+                args = (path.name, commands, child_env, logs / f"{path.stem}.log", [], threading.Event(), ok, [])
+            threads.append(threading.Thread(target=_in_process, args=(steps, *args), daemon=True))
+        running: list[threading.Thread] = []
+        for thread in threads:  # at most `jobs` at once, started in order (a VAE before the models built on it)
+            while len([t for t in running if t.is_alive()]) >= jobs:
+                time.sleep(0.1)
+            thread.start()
+            running.append(thread)
+        for thread in running:
+            thread.join()
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m vitdiff.book", description=__doc__.split("\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
@@ -156,6 +229,12 @@ def _parser() -> argparse.ArgumentParser:
     which.add_argument("--checkpoints", action="store_true", help="train recipes at the quick budget too")
     run.add_argument("--timeout", type=float, default=600.0, metavar="SECONDS", help="per notebook (600)")
     run.add_argument("--device", default=None, help="for the recipes (default: CUDA if available, else CPU)")
+    run.add_argument("--jobs", type=int, default=1, metavar="N", help="recipes / notebooks at a time (1)")
+    run.add_argument("--recipes", metavar="NAME,NAME", help="train exactly these recipes (candidates too)")
+    one = sub.add_parser("notebook", help=argparse.SUPPRESS)  # one notebook, for --jobs > 1
+    one.add_argument("path", type=Path)
+    one.add_argument("--budget", required=True, choices=BUDGETS)
+    one.add_argument("--timeout", type=float, default=600.0)
     run.add_argument("--notebook-dir", type=Path, default=NOTEBOOK_DIR, help=argparse.SUPPRESS)
     return parser
 
@@ -166,10 +245,25 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.timeout <= 0:
         parser.error("--timeout must be positive")
+    if args.command == "notebook":
+        run_notebook(args.path, kernel_env(args.budget), args.timeout)
+        return 0
+    if args.jobs < 1:
+        parser.error("--jobs must be at least 1")
     chapters = _chapters(args.only)
     notebooks = find_notebooks(args.notebook_dir, chapters)
     train = not args.skip_checkpoints if args.budget == "full" else args.checkpoints
     recipes = find_recipes(chapters)
+    if args.recipes is not None:
+        from .pretrained import recipe
+
+        recipes = [name.strip() for name in args.recipes.split(",") if name.strip()]
+        for name in recipes:
+            try:
+                recipe(name)
+            except ValueError as error:
+                parser.error(str(error))
+        train = True
     if chapters is not None and not notebooks and not recipes:
         parser.error(f"--only {args.only} matches no notebook in {args.notebook_dir} and no recipe")
 
@@ -205,19 +299,22 @@ def main(argv: list[str] | None = None) -> int:
 
     steps: list[Step] = []
     start = time.perf_counter()
-    if train:
+    if args.jobs > 1:
+        _run_parallel(steps, args.jobs, recipes if train else [], notebooks, device, args.budget, args.timeout)
+    elif train:
         for name in recipes:
             if _timed(steps, f"train {name}", partial(pretrained.train_recipe, name, device=device, progress=False)):
                 _timed(steps, f"evaluate {name}", partial(pretrained.evaluate_recipe, name, device=device,
                                                           progress=False))
-    for path in notebooks:
-        _timed(steps, path.name, partial(run_notebook, path, env, args.timeout))
+    if args.jobs == 1:
+        for path in notebooks:
+            _timed(steps, path.name, partial(run_notebook, path, env, args.timeout))
     total = time.perf_counter() - start
 
     print(f"\n{'step':40s} {'seconds':>8s}  result")
     for step in steps:
         print(f"{step.name:40s} {step.seconds:8.1f}  {'FAILED: ' + step.error if step.error else 'ok'}")
-    print(f"{'total':40s} {total:8.1f}")
+    print(f"{'total' + (f' (wall, {args.jobs} at a time)' if args.jobs > 1 else ''):40s} {total:8.1f}")
     print("\nheadline results (sidecar metrics):")
     for name in recipes:
         try:
