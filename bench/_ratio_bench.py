@@ -6,11 +6,33 @@ import argparse
 from collections.abc import Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+# Dense bf16 tensor-core peak (TFLOP/s) of the GPUs this book is refreshed on, from NVIDIA's data sheets (SXM).
+PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
 
 
-def print_table(title: str, rows: list[dict], device: torch.device, amp: bool, width: int = 8) -> None:
-    """A plain-text table, one row per configuration: params, batch, tokens, images/s of both, their ratio."""
-    precision = "bf16 autocast" if amp else "float32"
+def training_flops(forward_one: Callable[[], torch.Tensor]) -> float:
+    """Model FLOPs of one training pass for one image: 3 x the forward FLOPs (backward = 2 x forward),
+    counted by torch's FlopCounterMode (matrix products and attention; elementwise work is not counted)."""
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        forward_one()
+    return 3.0 * counter.get_total_flops()
+
+
+def peak_tflops(device: torch.device) -> float | None:
+    """The device's bf16 peak from PEAK_BF16_TFLOPS, or None for an unknown device or the CPU."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    return next((v for k, v in PEAK_BF16_TFLOPS.items() if k in name), None)
+
+
+def print_table(title: str, rows: list[dict], device: torch.device, amp: bool, width: int = 8,
+                peak: float | None = None, compiled: bool = False) -> None:
+    """A plain-text table, one row per configuration: params, batch, tokens, images/s of both, their ratio,
+    and with a known `peak` (TFLOP/s) the model-FLOPs utilisation (MFU) of each."""
+    precision = ("bf16 autocast" if amp else "float32") + (", torch.compile" if compiled else "")
     threads = f", {torch.get_num_threads()} threads" if device.type == "cpu" else ""
     print(f"\n{title} forward+backward throughput on {device.type}{threads}, {precision} (median images/s)")
     header = f"{'config':<{width}} {'params':>7} {'batch':>5} {'tokens':>7} {'vitdiff':>9} {'diffusers':>9} " \
@@ -20,6 +42,13 @@ def print_table(title: str, rows: list[dict], device: torch.device, amp: bool, w
     for r in rows:
         print(f"{r['config']:<{width}} {r['params'] / 1e6:>6.1f}M {r['batch']:>5} {str(r['tokens']):>7} "
               f"{r['vitdiff']:>9.1f} {r['diffusers']:>9.1f} {r['ratio']:>17.3f} {r['max_diff']:>9.1e}")
+    if peak:
+        print(f"\nmodel-FLOPs utilisation (MFU) = images/s x training FLOPs per image / {peak:g} TFLOP/s (bf16 peak)")
+        for r in rows:
+            flops = r["train_flops"]
+            mfu = {k: r[k] * flops / (peak * 1e12) for k in ("vitdiff", "diffusers")}
+            print(f"{r['config']:<{width}} {flops / 1e9:8.2f} GFLOP/image  MFU vitdiff {100 * mfu['vitdiff']:5.1f}%  "
+                  f"diffusers {100 * mfu['diffusers']:5.1f}%")
 
 
 def run(description: str, title: str, configs: dict, default_configs: dict[str, str],
@@ -39,6 +68,9 @@ def run(description: str, title: str, configs: dict, default_configs: dict[str, 
     parser.add_argument("--amp", action=argparse.BooleanOptionalAction, default=None,
                         help="bf16 autocast (default: on for CUDA, off for CPU)")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
+    parser.add_argument("--compile", action="store_true", help="torch.compile both models before timing")
+    parser.add_argument("--peak-tflops", type=float, default=None,
+                        help="the device's bf16 peak for the MFU column (default: known H100/H200/A100 values)")
     args = parser.parse_args()
 
     device = torch.device(args.device)
@@ -57,5 +89,6 @@ def run(description: str, title: str, configs: dict, default_configs: dict[str, 
     amp = args.amp if args.amp is not None else device.type == "cuda"
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True
-    rows = [bench_config(name, device, args.batch_size, steps, args.repeats, args.warmup, amp) for name in names]
-    print_table(title, rows, device, amp, width)
+    rows = [bench_config(name, device, args.batch_size, steps, args.repeats, args.warmup, amp, args.compile)
+            for name in names]
+    print_table(title, rows, device, amp, width, args.peak_tflops or peak_tflops(device), args.compile)

@@ -79,7 +79,7 @@ def images_per_second(model: nn.Module, batch: tuple[torch.Tensor, ...], steps: 
 
 
 def bench_config(name: str, device: torch.device, batch_size: int | None, steps: int, repeats: int,
-                 warmup: int, amp: bool) -> dict:
+                 warmup: int, amp: bool, compile_models: bool = False) -> dict:
     """Median images/s of vitdiff and diffusers for one configuration; repeats alternate between the two."""
     config, cpu_batch, cuda_batch = CONFIGS[name]
     b = batch_size or (cuda_batch if device.type == "cuda" else cpu_batch)
@@ -94,6 +94,9 @@ def bench_config(name: str, device: torch.device, batch_size: int | None, steps:
     with torch.no_grad():  # same weights, same function: check once in eval mode
         max_diff = (call(ours.eval(), x, t, y) - call(theirs.eval(), x, t, y)).abs().max().item()
     ours.train(), theirs.train()
+    train_flops = _ratio_bench.training_flops(lambda: call(ours, x[:1], t[:1], y[:1]))
+    if compile_models:
+        ours, theirs = torch.compile(ours), torch.compile(theirs)
 
     batch = (x, t, y, target)
     for model in (ours, theirs):
@@ -104,7 +107,8 @@ def bench_config(name: str, device: torch.device, batch_size: int | None, steps:
         rates["diffusers"].append(images_per_second(theirs, batch, steps, amp))
     ours_rate, their_rate = statistics.median(rates["vitdiff"]), statistics.median(rates["diffusers"])
     return dict(config=name, batch=b, tokens=ours.pos_embed.shape[1], params=sum(p.numel() for p in ours.parameters()),
-                vitdiff=ours_rate, diffusers=their_rate, ratio=ours_rate / their_rate, max_diff=max_diff)
+                vitdiff=ours_rate, diffusers=their_rate, ratio=ours_rate / their_rate,
+                train_flops=train_flops, max_diff=max_diff)
 
 
 def main() -> None:

@@ -77,7 +77,7 @@ def images_per_second(model: nn.Module, batch: tuple[torch.Tensor, ...], steps: 
 
 
 def bench_config(name: str, device: torch.device, batch_size: int | None, steps: int, repeats: int,
-                 warmup: int, amp: bool) -> dict:
+                 warmup: int, amp: bool, compile_models: bool = False) -> dict:
     """Median images/s of vitdiff and diffusers for one configuration; repeats alternate between the two."""
     config, tokens, cpu_batch, cuda_batch = CONFIGS[name]
     b = batch_size or (cuda_batch if device.type == "cuda" else cpu_batch)
@@ -97,6 +97,9 @@ def bench_config(name: str, device: torch.device, batch_size: int | None, steps:
     with torch.no_grad():  # same weights, same function: check once in eval mode
         max_diff = (call(ours.eval(), x, t, context, pooled) - call(theirs.eval(), x, t, context, pooled)).abs().max()
     ours.train(), theirs.train()
+    train_flops = _ratio_bench.training_flops(lambda: call(ours, x[:1], t[:1], context[:1], pooled[:1]))
+    if compile_models:
+        ours, theirs = torch.compile(ours), torch.compile(theirs)
 
     batch = (x, t, context, pooled, target)
     for model in (ours, theirs):
@@ -108,7 +111,7 @@ def bench_config(name: str, device: torch.device, batch_size: int | None, steps:
     ours_rate, their_rate = statistics.median(rates["vitdiff"]), statistics.median(rates["diffusers"])
     return dict(config=name, batch=b, tokens=f"{(size // config['patch_size']) ** 2}+{tokens}",
                 params=sum(p.numel() for p in ours.parameters()), vitdiff=ours_rate, diffusers=their_rate,
-                ratio=ours_rate / their_rate, max_diff=max_diff.item())
+                ratio=ours_rate / their_rate, train_flops=train_flops, max_diff=max_diff.item())
 
 
 def main() -> None:
