@@ -197,7 +197,8 @@ _GPU_OPTIONS: dict[str, dict[str, Any]] = {
     "shapes_text": {"per_prompt": 21},  # 48 prompts x 21 = 1,008 samples per guidance scale
     "fmnist_dit": {"samples": 1000}, "fmnist_dit_eps": {"samples": 1000}, "fmnist_unet_flow": {"samples": 1000},
     "ablation": {"samples": 1000},
-    "shapes_mmdit": {"per_prompt": 21}, "shapes_mmdit_holdout": {"per_prompt": 21},  # >= 1,000 samples per scale
+    "shapes_mmdit": {"per_prompt": 21},  # >= 1,000 samples per scale
+    "shapes_mmdit_holdout": {"per_prompt": 25, "held_out_per_prompt": 143},  # 41 x 25 seen, 7 x 143 held out
 }
 
 
@@ -355,17 +356,20 @@ def shapes_latent_text_samples(model: nn.Module, labels: torch.Tensor, *, scale:
 
 
 def _shapes_mmdit(name: str, model: nn.Module, device: torch.device, progress: bool, per_prompt: int = 8,
-                  scales: tuple[float, ...] = (1.0, 2.0, 4.0, 6.0), steps: int = 20) -> dict[str, Any]:
-    """Prompt adherence over the guidance scale, on the seen and (for the holdout recipe) held-out prompts."""
+                  scales: tuple[float, ...] = (1.0, 2.0, 4.0, 6.0), steps: int = 20,
+                  held_out_per_prompt: int | None = None) -> dict[str, Any]:
+    """Prompt adherence over the guidance scale, on the seen and (for the holdout recipe) held-out prompts;
+    the 7 held-out prompts get `held_out_per_prompt` samples each (default: per_prompt)."""
     from .pretrained import HELD_OUT, SHAPE_TRIPLES
 
     evaluator = get_evaluator("shapes", device=device)
     groups = {"seen": [t for t in SHAPE_TRIPLES if t not in HELD_OUT], "held_out": HELD_OUT} \
         if name == "shapes_mmdit_holdout" else {"all": SHAPE_TRIPLES}
+    counts = {"held_out": held_out_per_prompt or per_prompt}
     result: dict[str, Any] = {"sampler": f"euler {steps} steps", "chance": {"shape": 1 / 3, "color": 1 / 4,
                                                                           "position": 1 / 4, "all": 1 / 48}}
     for group, triples in groups.items():
-        labels = torch.tensor(triples).repeat_interleave(per_prompt, dim=0)
+        labels = torch.tensor(triples).repeat_interleave(counts.get(group, per_prompt), dim=0)
         rows = []
         for scale in tqdm(scales, desc=f"{name} {group}", disable=not progress, leave=False):
             x = shapes_latent_text_samples(model, labels, scale=scale, steps=steps)
