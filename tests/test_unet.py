@@ -307,3 +307,20 @@ def test_coordinate_channels_hold_y_and_x_in_minus_one_to_one():
     assert torch.allclose(inp[1, 4], torch.linspace(-1, 1, 10)[None, :].expand(6, 10))  # x: left -1, right +1
     assert "coord_channels" not in UNet(in_channels=1, base_channels=8, channel_mult=(1, 2),
                                         attention_resolutions=(), groups=4).config  # old configs stay valid
+
+
+def test_text_unet_feeds_the_pooled_caption_when_asked():
+    from vitdiff.unet import TextUNet
+
+    encoder = dict(vocab_size=17, max_length=8, dim=8, depth=1, num_heads=2)
+    unet = dict(in_channels=3, base_channels=8, channel_mult=(1, 2), attention_resolutions=(1,), groups=4,
+                context_dim=8, pooled_dim=8, coord_channels=True)
+    model = _jitter(TextUNet(unet=unet, encoder=encoder))
+    ids = torch.tensor([[2, 9, 6, 1, 0, 0, 0, 0], [1, 0, 0, 0, 0, 0, 0, 0]])
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([100, 800])
+    with torch.no_grad():
+        context, mask, pooled = model.encoder(ids, ids != 0)
+        expected = model.unet(x, t, context=context, context_mask=mask, pooled=pooled)
+        torch.testing.assert_close(model(x, t, ids, ids != 0), expected)
+    with pytest.raises(ValueError, match="pooled_dim=4 must be None or the encoder dim=8"):
+        TextUNet(unet={**unet, "pooled_dim": 4}, encoder=encoder)

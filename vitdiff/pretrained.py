@@ -198,10 +198,10 @@ def _variant(base: str, name: str, summary: str, steps: int, config: dict[str, A
 CANDIDATES: dict[str, Recipe] = {r.name: r for r in [
     _variant("shapes_text", "shapes_text_pool8", "cross-attention at 8x8 only, plus the pooled caption", 1300,
              unet={"attention_resolutions": [2]}),
-    _variant("shapes_text", "shapes_text_nopool", "cross-attention at 16x16 and 8x8, no pooled caption", 800,
+    _variant("shapes_text", "shapes_text_nopool", "cross-attention at 16x16 and 8x8, no pooled caption", 750,
              unet={"pooled_dim": None}),
     _variant("fmnist_vit", "fmnist_vit_w96", "ViT width 96, 6 blocks", 3200, config={"embed_dim": 96, "depth": 6}),
-    _variant("fmnist_vit", "fmnist_vit_w128", "ViT width 128, 6 blocks", 2200, config={"embed_dim": 128, "depth": 6}),
+    _variant("fmnist_vit", "fmnist_vit_w128", "ViT width 128, 6 blocks", 2000, config={"embed_dim": 128, "depth": 6}),
 ]}
 
 
