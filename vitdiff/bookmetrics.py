@@ -216,7 +216,7 @@ def measure(name: str, model: nn.Module, device: torch.device, progress: bool = 
     """The sidecar metrics of book checkpoint `name`; options (e.g. samples=1000) override the defaults."""
     torch.manual_seed(0)
     if device.type == "cuda":  # a GPU measures every figure on >= 1,000 samples; a CPU run keeps the smaller defaults
-        family = "ablation" if name.startswith("ablation_") else _family(name)
+        family = "ablation" if name.startswith(("ablation_", "scaling_")) else _family(name)
         for key, value in _GPU_OPTIONS.get(family, {}).items():
             options.setdefault(key, value)
     name = _family(name)
@@ -232,10 +232,10 @@ def measure(name: str, model: nn.Module, device: torch.device, progress: bool = 
         return _vae(model, device, progress, shapes=name == "shapes_vae", **options)
     if name == "fmnist_vit":
         return _vit(model, device, progress)
-    if name in ("fmnist_dit", "fmnist_dit_eps", "fmnist_unet_flow") or name.startswith("ablation_"):
+    if name in ("fmnist_dit", "fmnist_dit_eps", "fmnist_unet_flow") or name.startswith(("ablation_", "scaling_")):
         if name in ("fmnist_dit", "fmnist_dit_eps"):
             options.setdefault("step_table", (2, 5, 10, 20, 50))
-        if name.startswith("ablation_"):
+        if name.startswith(("ablation_", "scaling_")):
             options.setdefault("scales", (1.0, 2.0))
         return _latent_dit(name, model, device, progress, **options)
     if name in ("shapes_mmdit", "shapes_mmdit_holdout"):

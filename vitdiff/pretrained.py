@@ -174,6 +174,14 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
                                        ("cross_attention", "cross-attention", "logit-normal"),
                                        ("in_context", "in-context", "logit-normal"),
                                        ("uniform", "adaln-zero", "uniform")]
+] + [
+    # chapter 07's scaling pair: the ablation_adaln_zero DiT (width 96, patch 2) at another width and patch size
+    Recipe(f"scaling_w{width}_p{patch}", "07", f"small DiT (width {width}, 4 blocks, patch {patch}), adaLN-Zero, "
+           "logit-normal timesteps: the width and patch-size axes of the DiT paper's scaling figure",
+           "DiT", {**_LATENT_DIT, "hidden_size": width, "depth": 4, "num_heads": 4, "patch_size": patch},
+           "fashion_mnist_latents_labels", "flow", {**_DIT_TRAIN, "steps": 3000},
+           {"vae": "fmnist_vae", "timestep_sampler": "logit-normal"})
+    for width, patch in [(64, 2), (96, 4)]
 ]}
 
 
