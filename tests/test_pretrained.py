@@ -12,7 +12,7 @@ import torch
 from vitdiff import pretrained
 from vitdiff.metrics import evaluator_data, get_evaluator
 
-SHIPPED = sorted(set(pretrained.RECIPES) - pretrained.PLANNED)
+SHIPPED = sorted(set(pretrained.RECIPES) - pretrained.PLANNED - pretrained.METRICS_ONLY)
 
 
 @pytest.mark.parametrize("name", SHIPPED)
@@ -27,6 +27,16 @@ def test_shipped_checkpoint_loads_with_its_checksum(name):
     assert not model.training and not any(p.requires_grad for p in model.parameters())
     assert all(p.dtype == torch.float32 for p in model.parameters())
     assert meta["metrics"], f"{name} has no measurements in its sidecar; run `python -m vitdiff.pretrained evaluate`"
+
+
+@pytest.mark.parametrize("name", sorted(pretrained.METRICS_ONLY))
+def test_metrics_only_recipes_ship_a_measured_sidecar(name):
+    meta = pretrained.info(name)
+    assert meta["metrics"] and meta["steps"] == pretrained.recipe(name).train["steps"]
+    assert len(meta["sha256"]) == 64, "the sidecar records the weights' checksum for a retrained copy"
+    assert not pretrained.paths(name)[0].exists()
+    with pytest.raises(pretrained.PretrainedError, match=f"python -m vitdiff.pretrained train {name}"):
+        pretrained.load(name)
 
 
 def test_shipped_checkpoints_fit_the_size_budget():
