@@ -7,6 +7,14 @@ periodic evaluation, checkpoints and exact resume.
 sliced from `data`, already on the device. `data` is a tuple of tensors sharing their first
 dimension (sampled without replacement, one seeded permutation per epoch, so the batch at step s
 depends only on the seed and s), or a callable `step -> batch` for data made on the fly.
+
+Under `torchrun --nproc_per_node=N` the same call trains with DistributedDataParallel (gloo on the CPU,
+NCCL on CUDA, one GPU per process): every rank draws the same global batch of `batch_size` and keeps its
+own slice of `batch_size / N` examples, DDP averages the gradients, so the updates equal a single process
+on the whole batch. Rank 0 alone shows the progress bar and writes checkpoints; each rank's random state
+is saved, so a run resumes exactly at the same number of processes. The logged loss is the mean over ranks.
+There `loss_fn` receives the DDP wrapper as `model`: it should call `model(...)` (the forward pass, where
+DDP hooks the gradient averaging), not other methods of the module.
 """
 
 from __future__ import annotations
@@ -185,6 +193,22 @@ def _set_rng_state(state: dict[str, Any], device: torch.device) -> None:
         torch.cuda.set_rng_state(state["cuda"], device)
 
 
+def distributed_setup(device: torch.device) -> tuple[int, int, torch.device]:
+    """(world size, rank, device) of this process: (1, 0, device) in a plain run; under torchrun (WORLD_SIZE
+    > 1 in the environment) the process group is initialised if needed (NCCL for CUDA, else gloo) and a CUDA
+    device becomes this process's GPU, cuda:LOCAL_RANK."""
+    import torch.distributed as dist
+
+    if not dist.is_available() or int(os.environ.get("WORLD_SIZE", "1")) <= 1 and not dist.is_initialized():
+        return 1, 0, device
+    if device.type == "cuda":
+        device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+        torch.cuda.set_device(device)
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return dist.get_world_size(), dist.get_rank(), device
+
+
 @torch.no_grad()
 def update_ema(ema: nn.Module, model: nn.Module, decay: float) -> None:
     """ema ← decay·ema + (1 − decay)·model for parameters; buffers are copied."""
@@ -222,6 +246,9 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], Any],
         raise TypeError(f"data must be a tuple of tensors sharing their first dimension, e.g. (images, labels) "
                         f"or (images,), or a callable step -> batch; got {type(data).__name__}")
     device = get_device(device)
+    world, rank, device = distributed_setup(device)
+    if world > 1 and config.batch_size % world:
+        raise ValueError(f"batch_size={config.batch_size} must be divisible by the {world} processes of this run")
     model.to(device)
     if config.channels_last and device.type == "cuda":
         model.to(memory_format=torch.channels_last)
@@ -230,6 +257,9 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], Any],
     else:
         tensors = tuple(t.to(device) for t in data)
         next_batch = tensor_batches(tensors, config.batch_size, config.seed)
+    if world > 1:  # every rank draws the same global batch and keeps its own contiguous slice
+        global_batch, per_rank = next_batch, config.batch_size // world
+        next_batch = lambda step: tuple(t[rank * per_rank:(rank + 1) * per_rank] for t in global_batch(step))  # noqa: E731
 
     params = parameters if parameters is not None else [p for p in model.parameters() if p.requires_grad]
     decay = [p for p in params if p.ndim >= 2]  # weight decay on matrices (incl. embeddings), not biases/norms
@@ -263,27 +293,44 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], Any],
             factor = lr_factor(start, config.steps, config.warmup_steps, config.min_lr_ratio)
             for group, base_lr in zip(optimizer.param_groups, scheduler.base_lrs):
                 group["lr"] = base_lr * factor
-        if meta["rng"] is not None:
-            _set_rng_state(meta["rng"], device)
+        rng = meta["rng"]
+        if world > 1 and rng is not None and "per_rank" in rng:
+            rng = rng["per_rank"][rank]  # this rank's own stream
+        if rng is not None:
+            _set_rng_state(rng, device)
     else:
-        torch.manual_seed(config.seed)
+        torch.manual_seed(config.seed + rank)  # ranks draw different noise (rank 0: the single-process stream)
 
     def checkpoint(step: int, rng: dict[str, Any] | None = None, finished: bool = False) -> None:
-        if ckpt is not None:
+        if ckpt is None:
+            return
+        rng = rng if rng is not None else _rng_state(device)
+        extra = {"train_config": asdict(config), "history": asdict(history), "finished": finished}
+        if world > 1:  # every rank's random state, so that each resumes its own stream; rank 0 writes
+            import torch.distributed as dist
+
+            states: list[Any] = [None] * world
+            dist.all_gather_object(states, {k: v.cpu() for k, v in rng.items()})
+            rng = {**rng, "per_rank": states}
+        if rank == 0:
             save_checkpoint(ckpt, model, step=step, optimizer=optimizer, scheduler=scheduler, ema=ema,
-                            extra={"train_config": asdict(config), "history": asdict(history),
-                                   "finished": finished},
-                            rng=rng if rng is not None else _rng_state(device))
+                            extra=extra, rng=rng)
+        if world > 1:
+            torch.distributed.barrier()  # nobody reads the folder before it is complete
 
     def record(step: int, loss: torch.Tensor, lr: float, extra: dict, batch: Any) -> None:
         if history.step and history.step[-1] == step:
             return  # already recorded
         history.step.append(step)
+        if world > 1:  # the loss of the global batch: the mean of the ranks' equal-sized slices
+            loss = loss.detach().clone()
+            torch.distributed.all_reduce(loss)
+            loss = loss / world
         history.loss.append(loss.item())
         history.lr.append(lr)
         if extra:
             history.metrics.append({k: float(v) for k, v in extra.items()})
-        history.examples += batch[0].shape[0] if isinstance(batch, (tuple, list)) else 0
+        history.examples += batch[0].shape[0] * world if isinstance(batch, (tuple, list)) else 0
 
     def evaluate(step: int) -> None:
         if eval_fn is None:
@@ -299,18 +346,23 @@ def train(model: nn.Module, loss_fn: Callable[[nn.Module, Batch], Any],
     autocast = torch.autocast(device_type=device.type, dtype=torch.bfloat16,
                               enabled=config.amp and device.type == "cuda")
     model.train()
+    trained = model
+    if world > 1:  # DDP averages the gradients of the ranks in backward()
+        from torch.nn.parallel import DistributedDataParallel
+
+        trained = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     step, interrupted = start, False
     completed = start  # steps whose update is in the weights
     rng_at = (start, None)  # (step, RNG state as that step began): what an exact resume restores
     pending = None  # an applied update not yet recorded in history
-    bar = tqdm(total=config.steps, initial=start, disable=not progress, desc="train", leave=False)
+    bar = tqdm(total=config.steps, initial=start, disable=not progress or rank != 0, desc="train", leave=False)
     tic = time.perf_counter()
     try:
         for step in range(start, config.steps):
             rng_at = (step, _rng_state(device))
             batch = next_batch(step)
             with autocast:
-                out = loss_fn(model, batch)
+                out = loss_fn(trained, batch)
             loss, extra = out if isinstance(out, tuple) else (out, {})
             if not torch.isfinite(loss):
                 raise FloatingPointError(f"loss became {loss.item()} at step {step}; lower lr or check data")
