@@ -324,3 +324,16 @@ def test_text_unet_feeds_the_pooled_caption_when_asked():
         torch.testing.assert_close(model(x, t, ids, ids != 0), expected)
     with pytest.raises(ValueError, match="pooled_dim=4 must be None or the encoder dim=8"):
         TextUNet(unet={**unet, "pooled_dim": 4}, encoder=encoder)
+
+
+def test_compiles_without_graph_breaks():
+    """The value checks of the inputs (timestep range, labels, masks) stay out of the traced graph."""
+    model = _jitter(UNet(in_channels=3, base_channels=8, channel_mult=(1, 2), attention_resolutions=(1,), groups=4,
+                         num_classes=4, context_dim=6, pooled_dim=6, coord_channels=True))
+    compiled = torch.compile(model, backend="eager", fullgraph=True)  # fullgraph: any graph break is an error
+    x, t, y = torch.randn(2, 3, 8, 8), torch.tensor([10.0, 700.0]), torch.tensor([1, 4])
+    context, mask, pooled = torch.randn(2, 5, 6), torch.tensor([[True] * 5, [True, True, False, False, False]]), \
+        torch.randn(2, 6)
+    with torch.no_grad():
+        torch.testing.assert_close(compiled(x, t, y=y, context=context, context_mask=mask, pooled=pooled),
+                                   model(x, t, y=y, context=context, context_mask=mask, pooled=pooled))
