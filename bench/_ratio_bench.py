@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
+import statistics
+import time
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
+from torch import nn
 from torch.utils.flop_counter import FlopCounterMode
+from tqdm.auto import tqdm
 
 # Dense bf16 tensor-core peak (TFLOP/s) of the GPUs this book is refreshed on, from NVIDIA's data sheets (SXM).
 PEAK_BF16_TFLOPS = {"H100": 989.4, "H200": 989.4, "A100": 312.0}
@@ -18,6 +24,38 @@ def training_flops(forward_one: Callable[[], torch.Tensor]) -> float:
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
         forward_one()
     return 3.0 * counter.get_total_flops()
+
+
+def median_rates(models: dict[str, nn.Module], call: Callable[..., torch.Tensor], batch: tuple[torch.Tensor, ...],
+                 steps: int, repeats: int, warmup: int, amp: bool, desc: str = "") -> dict[str, float]:
+    """Median images/s of forward + backward passes (MSE of call(model, *inputs) to the batch's last tensor,
+    gradients cleared each pass, no optimizer update) for each model; `warmup` untimed passes first, then
+    `repeats` timed runs of `steps` passes, alternating between the models so that a change in load hits all."""
+    *inputs, target = batch
+    autocast = torch.autocast(target.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
+
+    def passes(model: nn.Module, n: int) -> None:
+        for _ in range(n):
+            model.zero_grad(set_to_none=True)
+            with autocast:
+                loss = F.mse_loss(call(model, *inputs).float(), target)
+            loss.backward()
+
+    def synchronize() -> None:  # wait for queued GPU work so that wall-clock time measures it
+        if target.device.type == "cuda":
+            torch.cuda.synchronize(target.device)
+
+    for model in models.values():
+        passes(model, warmup)
+    rates: dict[str, list[float]] = {name: [] for name in models}
+    for _ in tqdm(range(repeats), desc=desc, leave=False):
+        for name, model in models.items():
+            synchronize()
+            start = time.perf_counter()
+            passes(model, steps)
+            synchronize()
+            rates[name].append(target.shape[0] * steps / (time.perf_counter() - start))
+    return {name: statistics.median(values) for name, values in rates.items()}
 
 
 def peak_tflops(device: torch.device) -> float | None:

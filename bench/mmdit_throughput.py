@@ -8,16 +8,10 @@ has none. Run `python bench/mmdit_throughput.py --help`.
 
 from __future__ import annotations
 
-import contextlib
-import statistics
-import time
-
 import _ratio_bench  # bench/ is on sys.path when a script here runs
 import torch
-import torch.nn.functional as F
 from diffusers import SD3Transformer2DModel
 from torch import nn
-from tqdm.auto import tqdm
 
 from vitdiff.interop import mmdit_from_diffusers
 
@@ -41,39 +35,12 @@ CONFIGS = {
 DEFAULT_CONFIGS = {"cpu": "small16,small16-qk", "cuda": "small16,B2-32,sd3-medium-64"}
 
 
-def synchronize(device: torch.device) -> None:
-    """Wait for queued GPU work so that wall-clock time measures it."""
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def call(model: nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
          pooled: torch.Tensor) -> torch.Tensor:
     """One forward pass with either calling convention."""
     if isinstance(model, SD3Transformer2DModel):
         return model(x, encoder_hidden_states=context, pooled_projections=pooled, timestep=t).sample
     return model(x, t, context, pooled)
-
-
-def train_steps(model: nn.Module, batch: tuple[torch.Tensor, ...], steps: int, amp: bool) -> None:
-    """`steps` forward + backward passes (gradients cleared each time, no optimizer update)."""
-    *inputs, target = batch
-    autocast = torch.autocast(target.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-    for _ in range(steps):
-        model.zero_grad(set_to_none=True)
-        with autocast:
-            loss = F.mse_loss(call(model, *inputs).float(), target)
-        loss.backward()
-
-
-def images_per_second(model: nn.Module, batch: tuple[torch.Tensor, ...], steps: int, amp: bool) -> float:
-    """Throughput of one timed run of `steps` training passes."""
-    device = batch[0].device
-    synchronize(device)
-    start = time.perf_counter()
-    train_steps(model, batch, steps, amp)
-    synchronize(device)
-    return batch[0].shape[0] * steps / (time.perf_counter() - start)
 
 
 def bench_config(name: str, device: torch.device, batch_size: int | None, steps: int, repeats: int,
@@ -102,13 +69,9 @@ def bench_config(name: str, device: torch.device, batch_size: int | None, steps:
         ours, theirs = torch.compile(ours), torch.compile(theirs)
 
     batch = (x, t, context, pooled, target)
-    for model in (ours, theirs):
-        train_steps(model, batch, warmup, amp)
-    rates = {"vitdiff": [], "diffusers": []}
-    for _ in tqdm(range(repeats), desc=name, leave=False):
-        rates["vitdiff"].append(images_per_second(ours, batch, steps, amp))
-        rates["diffusers"].append(images_per_second(theirs, batch, steps, amp))
-    ours_rate, their_rate = statistics.median(rates["vitdiff"]), statistics.median(rates["diffusers"])
+    rates = _ratio_bench.median_rates({"vitdiff": ours, "diffusers": theirs}, call, batch, steps, repeats, warmup,
+                                      amp, desc=name)
+    ours_rate, their_rate = rates["vitdiff"], rates["diffusers"]
     return dict(config=name, batch=b, tokens=f"{(size // config['patch_size']) ** 2}+{tokens}",
                 params=sum(p.numel() for p in ours.parameters()), vitdiff=ours_rate, diffusers=their_rate,
                 ratio=ours_rate / their_rate, train_flops=train_flops, max_diff=max_diff.item())

@@ -9,16 +9,10 @@ ratio. Forward + backward of a mean squared error, as in the other benchmarks. `
 
 from __future__ import annotations
 
-import contextlib
-import statistics
-import time
-
 import _ratio_bench  # bench/ is on sys.path when a script here runs
 import torch
-import torch.nn.functional as F
 from diffusers import UNet2DConditionModel
 from torch import nn
-from tqdm.auto import tqdm
 
 from vitdiff.unet import UNet
 
@@ -54,29 +48,6 @@ def call(model: nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tens
     return model(x, t, context=context)
 
 
-def train_steps(model: nn.Module, batch: tuple[torch.Tensor, ...], steps: int, amp: bool) -> None:
-    """`steps` forward + backward passes (gradients cleared each time, no optimizer update)."""
-    x, t, context, target = batch
-    autocast = torch.autocast(x.device.type, dtype=torch.bfloat16) if amp else contextlib.nullcontext()
-    for _ in range(steps):
-        model.zero_grad(set_to_none=True)
-        with autocast:
-            loss = F.mse_loss(call(model, x, t, context).float(), target)
-        loss.backward()
-
-
-def images_per_second(model: nn.Module, batch: tuple[torch.Tensor, ...], steps: int, amp: bool) -> float:
-    """Throughput of one timed run of `steps` training passes."""
-    device = batch[0].device
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    start = time.perf_counter()
-    train_steps(model, batch, steps, amp)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    return batch[0].shape[0] * steps / (time.perf_counter() - start)
-
-
 def bench_config(name: str, device: torch.device, batch_size: int | None, steps: int, repeats: int,
                  warmup: int, amp: bool, compile_models: bool = False) -> dict:
     """Median images/s of both U-Nets for one configuration; repeats alternate between the two."""
@@ -97,13 +68,9 @@ def bench_config(name: str, device: torch.device, batch_size: int | None, steps:
     if compile_models:
         ours, theirs = torch.compile(ours), torch.compile(theirs)
     batch = (x, t, context, target)
-    for model in (ours, theirs):
-        train_steps(model, batch, warmup, amp)
-    rates = {"vitdiff": [], "diffusers": []}
-    for _ in tqdm(range(repeats), desc=name, leave=False):
-        rates["vitdiff"].append(images_per_second(ours, batch, steps, amp))
-        rates["diffusers"].append(images_per_second(theirs, batch, steps, amp))
-    ours_rate, their_rate = statistics.median(rates["vitdiff"]), statistics.median(rates["diffusers"])
+    rates = _ratio_bench.median_rates({"vitdiff": ours, "diffusers": theirs}, call, batch, steps, repeats, warmup,
+                                      amp, desc=name)
+    ours_rate, their_rate = rates["vitdiff"], rates["diffusers"]
     print(f"{name}: parameters vitdiff {params['vitdiff'] / 1e6:.2f}M, diffusers {params['diffusers'] / 1e6:.2f}M; "
           f"training GFLOP/image vitdiff {flops['vitdiff'] / 1e9:.2f}, diffusers {flops['diffusers'] / 1e9:.2f}")
     return dict(config=name, batch=b, tokens=f"{c['size']}²", params=params["vitdiff"], vitdiff=ours_rate,

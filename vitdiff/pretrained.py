@@ -255,26 +255,34 @@ def _pad32(x: torch.Tensor) -> torch.Tensor:
 
 
 @torch.no_grad()
-def latent_dataset(vae_name: str = "fmnist_vae", device: str | torch.device | None = None, train: bool = True
-                   ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Fashion-MNIST (padded to 32x32) encoded by a book VAE: scaled latents (N, 4, 8, 8) and labels (N,).
-
-    Cached under <data root>/latents/, keyed by the VAE's sha256, since encoding 60,000 images takes a while."""
-    meta = info(vae_name)
-    cache = data_root() / "latents" / f"{vae_name}-{'train' if train else 'test'}-{meta['sha256'][:16]}.pt"
+def _encoded(vae_name: str, tag: str, images: Callable[[], tuple[torch.Tensor, torch.Tensor]],
+             device: str | torch.device | None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Scaled latents of `images()` (x in [-1, 1], labels) under the book VAE `vae_name`, and the labels;
+    cached as <data root>/latents/<tag>-<VAE sha256>.pt, since encoding tens of thousands of images takes a while."""
+    cache = data_root() / "latents" / f"{tag}-{info(vae_name)['sha256'][:16]}.pt"
     if cache.is_file():
         saved = torch.load(cache, weights_only=True)
         return saved["latents"], saved["labels"]
     device = get_device(device)
     vae = load(vae_name, device=device)
-    images, labels = dataset_tensors("fashion_mnist", train=train)
-    x = _pad32(images * 2 - 1)
+    x, labels = images()
     latents = torch.cat([vae.encode_latents(x[i:i + 1000].to(device)).float().cpu() for i in range(0, len(x), 1000)])
     cache.parent.mkdir(parents=True, exist_ok=True)
     tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")  # several recipes may encode at once (book run --jobs)
     torch.save({"latents": latents, "labels": labels}, tmp)
     os.replace(tmp, cache)
     return latents, labels
+
+
+def latent_dataset(vae_name: str = "fmnist_vae", device: str | torch.device | None = None, train: bool = True
+                   ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Fashion-MNIST (padded to 32x32) encoded by a book VAE: scaled latents (N, 4, 8, 8) and labels (N,),
+    cached under <data root>/latents/ by the VAE's sha256."""
+    def images() -> tuple[torch.Tensor, torch.Tensor]:
+        x, labels = dataset_tensors("fashion_mnist", train=train)
+        return _pad32(x * 2 - 1), labels
+
+    return _encoded(vae_name, f"{vae_name}-{'train' if train else 'test'}", images, device)
 
 
 # Chapter 10's held-out combinations: (shape, colour, position) with shape + colour + position ≡ 0 (mod 6), 7 of
@@ -287,27 +295,15 @@ def is_held_out(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, None, :] == torch.tensor(HELD_OUT, dtype=labels.dtype)[None]).all(dim=2).any(dim=1)
 
 
-@torch.no_grad()
 def shapes_latent_dataset(vae_name: str = "shapes_vae", device: str | torch.device | None = None
                           ) -> tuple[torch.Tensor, torch.Tensor]:
     """The captioned-Shapes training images (10,000, 32x32) encoded by a book VAE: scaled latents (N, 4, 8, 8)
     and labels (N, 3) = (shape, colour, position); cached under <data root>/latents/ by the VAE's sha256."""
-    meta = info(vae_name)
-    cache = data_root() / "latents" / f"shapes-{vae_name}-{meta['sha256'][:16]}.pt"
-    if cache.is_file():
-        saved = torch.load(cache, weights_only=True)
-        return saved["latents"], saved["labels"]
-    device = get_device(device)
-    vae = load(vae_name, device=device)
-    images, _, labels = Shapes(size=10_000, img_size=32, seed=0).tensors()
-    x = images * 2 - 1
-    latents = torch.cat([vae.encode_latents(x[i:i + 1000].to(device)).float().cpu() for i in range(0, len(x), 1000)])
-    labels = labels[:, 0]
-    cache.parent.mkdir(parents=True, exist_ok=True)
-    tmp = cache.with_name(f"{cache.name}.{os.getpid()}.tmp")
-    torch.save({"latents": latents, "labels": labels}, tmp)
-    os.replace(tmp, cache)
-    return latents, labels
+    def images() -> tuple[torch.Tensor, torch.Tensor]:
+        x, _, labels = Shapes(size=10_000, img_size=32, seed=0).tensors()
+        return x * 2 - 1, labels[:, 0]
+
+    return _encoded(vae_name, f"shapes-{vae_name}", images, device)
 
 
 def recipe_data(r: Recipe, device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
