@@ -13,6 +13,7 @@ import torch
 from vitdiff.data import (
     COLOR_NAMES,
     COLOR_RGB,
+    EXTRA_SHAPE_NAMES,
     POSITION_NAMES,
     SHAPE_NAMES,
     DatasetNotFoundError,
@@ -251,3 +252,17 @@ def test_dataset_tensors_mnist_test_split(mnist_root):
 def test_dataset_tensors_rejects_bad_limit(limit):
     with pytest.raises(ValueError, match="limit"):
         dataset_tensors("mnist", limit=limit)
+
+
+def test_the_ring_is_drawn_but_never_in_shapes_unless_asked():
+    ring = render_shapes([[len(SHAPE_NAMES), 0, 0]])  # EXTRA_SHAPE_NAMES[0]
+    circle = render_shapes([[SHAPE_NAMES.index("circle"), 0, 0]])
+    centre = (slice(None), slice(6, 10), slice(6, 10))  # the middle of the top-left quadrant
+    assert circle[centre].sum() > 0 and ring[centre].sum() == 0  # the ring has a hole where the circle is filled
+    assert 0.2 < ring.sum() / circle.sum() < 0.8
+    assert shapes_caption([[len(SHAPE_NAMES), 1, 3]]) == "a green ring at the bottom right"
+    with pytest.raises(ValueError, match="out of range"):
+        render_shapes([[len(SHAPE_NAMES) + len(EXTRA_SHAPE_NAMES), 0, 0]])
+    plain = Shapes(size=200, seed=3).tensors()[2][:, 0, 0]
+    extra = Shapes(size=200, seed=3, extra_shapes=True).tensors()[2][:, 0, 0]
+    assert int(plain.max()) == len(SHAPE_NAMES) - 1 and int(extra.max()) == len(SHAPE_NAMES)

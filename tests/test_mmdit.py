@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 from vitdiff import flow
 from vitdiff.layers import get_2d_sincos_pos_embed
-from vitdiff.mmdit import JointBlock, MMDiT, TextMMDiT
+from vitdiff.mmdit import CrossDiT, CrossDiTBlock, JointBlock, MMDiT, TextMMDiT
 from vitdiff.text import Tokenizer
 
 TINY = dict(input_size=8, patch_size=2, in_channels=3, hidden_size=32, depth=3, num_heads=2, context_dim=24,
@@ -415,3 +415,82 @@ def test_text_mmdit_overfits_one_batch_of_captioned_latents():
         optimizer.step()
         losses.append(loss.item())
     assert losses[-1] < losses[0] / 5, (losses[0], losses[-1])
+
+
+# ----------------------------------------------------------------------------- the cross-attention baseline (CrossDiT)
+
+
+def test_crossdit_blocks_start_as_the_identity_and_the_model_outputs_zero():
+    model = CrossDiT(**TINY)
+    context, x, c = streams()
+    for block in model.joint_blocks:
+        assert isinstance(block, CrossDiTBlock)
+        new_context, new_x = block(context, x, c)
+        assert new_context is context and torch.equal(new_x, x)  # adaLN-Zero gates and cross-attention output at 0
+    images, t, text, pooled = inputs()
+    assert torch.equal(model(images, t, text, pooled), torch.zeros_like(images))
+
+
+def test_crossdit_block_is_self_attention_cross_attention_and_mlp():
+    """The block written out from its weights: gated self-attention, ungated cross-attention to the text, gated MLP."""
+    block = wake(CrossDiT(**TINY)).joint_blocks[0].eval()
+    context, x, c = streams()
+    mask = torch.tensor([[True, True, True, False, False], [True] * 5])
+    full_mask = torch.cat([mask, torch.ones(2, 16, dtype=torch.bool)], dim=1)[:, None, None]  # as MMDiT.forward
+    with torch.no_grad():
+        out_context, out = block(context, x, c, full_mask)
+        shift1, scale1, gate1, shift2, scale2, gate2 = block.adaLN_modulation(c).chunk(6, dim=1)
+        h = F.layer_norm(x, (32,), eps=1e-6) * (1 + scale1[:, None]) + shift1[:, None]
+        expected = x + gate1[:, None] * block.attn(h)
+        expected = expected + torch.stack([block.cross_attn(block.norm_cross(expected[i:i + 1]),
+                                                            context=context[i:i + 1, mask[i]])[0] for i in range(2)])
+        h = F.layer_norm(expected, (32,), eps=1e-6) * (1 + scale2[:, None]) + shift2[:, None]
+        expected = expected + gate2[:, None] * block.mlp(h)
+    assert out_context is context  # the text tokens are only read
+    torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
+
+
+def test_crossdit_masks_padding_and_reads_the_text():
+    model = wake(CrossDiT(**TINY)).eval()
+    x, t, context, pooled = inputs()
+    long_context, mask = padded(context, extra=4)
+    with torch.no_grad():
+        short = model(x, t, context, pooled)
+        masked = model(x, t, long_context, pooled, context_mask=mask)
+        other_text = model(x, t, torch.randn_like(context), pooled)
+    torch.testing.assert_close(masked, short, atol=1e-5, rtol=1e-5)
+    assert (other_text - short).abs().max() > 1e-2  # the tokens, not just the pooled vector, reach the image
+
+
+def test_text_mmdit_backbones_share_the_interface_and_differ_in_blocks():
+    config = {"input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 32, "depth": 2, "num_heads": 2,
+              "context_dim": 16, "pooled_dim": 16}
+    encoder = {"vocab_size": 10, "max_length": 6, "dim": 16, "depth": 1, "num_heads": 2}
+    joint, cross = TextMMDiT(config, encoder), TextMMDiT(config, encoder, backbone="crossdit")
+    assert isinstance(cross.mmdit, CrossDiT) and type(joint.mmdit) is MMDiT
+    assert "backbone" not in joint.config and cross.config["backbone"] == "crossdit"
+    assert isinstance(TextMMDiT(**cross.config).mmdit, CrossDiT)  # the config rebuilds it
+    ids = torch.tensor([[3, 4, 1, 0, 0, 0], [5, 1, 0, 0, 0, 0]])
+    out = wake(cross)(torch.randn(2, 4, 8, 8), torch.tensor([10.0, 900.0]), ids, ids != 0)
+    assert out.shape == (2, 4, 8, 8)
+    with pytest.raises(ValueError, match="backbone"):
+        TextMMDiT(config, encoder, backbone="unet")
+
+
+def test_crossdit_overfits_one_batch_with_the_flow_loss():
+    torch.manual_seed(0)
+    model = CrossDiT(input_size=8, patch_size=2, in_channels=1, hidden_size=64, depth=2, num_heads=4, context_dim=16,
+                     pooled_dim=8)
+    g = torch.Generator().manual_seed(0)
+    x0 = (torch.rand(4, 1, 8, 8, generator=g) > 0.5).float() * 2 - 1
+    context, pooled = torch.randn(4, 3, 16, generator=g), torch.randn(4, 8, generator=g)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3, weight_decay=0.0)
+    losses = []
+    for _ in range(100):
+        loss = flow.flow_loss(model, x0, "logit-normal", generator=torch.Generator().manual_seed(0),
+                              context=context, pooled=pooled)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] / 10, (losses[0], losses[-1])

@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 from .data import ATTRIBUTES, Shapes, dataset_tensors, shapes_caption
 from .diffusion import NoiseSchedule, classifier_free_guidance, ddim_sample, ddpm_sample
 from .metrics import class_accuracy, extract_features, fd_score, get_evaluator, prompt_adherence
+from .text import Tokenizer
 
 
 def to01(x: torch.Tensor) -> torch.Tensor:
@@ -197,7 +198,8 @@ _GPU_OPTIONS: dict[str, dict[str, Any]] = {
     "shapes_text": {"per_prompt": 21},  # 48 prompts x 21 = 1,008 samples per guidance scale
     "fmnist_dit": {"samples": 1000}, "fmnist_dit_eps": {"samples": 1000}, "fmnist_unet_flow": {"samples": 1000},
     "ablation": {"samples": 1000},
-    "shapes_mmdit": {"per_prompt": 21},  # >= 1,000 samples per scale
+    "shapes_mmdit": {"per_prompt": 21}, "shapes_crossdit": {"per_prompt": 21},  # >= 1,000 samples per scale
+    "shapes_unet_latent": {"per_prompt": 21},
     "shapes_mmdit_holdout": {"per_prompt": 25, "held_out_per_prompt": 143},  # 41 x 25 seen, 7 x 143 held out
 }
 
@@ -238,7 +240,7 @@ def measure(name: str, model: nn.Module, device: torch.device, progress: bool = 
         if name.startswith(("ablation_", "scaling_")):
             options.setdefault("scales", (1.0, 2.0))
         return _latent_dit(name, model, device, progress, **options)
-    if name in ("shapes_mmdit", "shapes_mmdit_holdout"):
+    if name in ("shapes_mmdit", "shapes_mmdit_holdout", "shapes_crossdit", "shapes_unet_latent"):
         return _shapes_mmdit(name, model, device, progress, **options)
     raise ValueError(f"no measurements defined for {name!r}")
 
@@ -329,17 +331,20 @@ def _latent_dit(name: str, model: nn.Module, device: torch.device, progress: boo
 @torch.no_grad()
 def shapes_latent_text_samples(model: nn.Module, labels: torch.Tensor, *, scale: float = 4.0, steps: int = 20,
                                method: str = "euler", seed: int = 0, batch_size: int = 256,
-                               captions: list[str] | None = None, negative: str = "") -> torch.Tensor:
+                               captions: list[str] | None = None, negative: str = "",
+                               tokenizer: Tokenizer | None = None, decode: bool = True) -> torch.Tensor:
     """Text-to-image samples (N, 3, 32, 32) in [0, 1] from a latent text model and the shapes_vae.
 
     The captions are the full captions of `labels` (N, 3) unless `captions` is given; guidance `scale`
-    against the empty caption, or against `negative`. Rectified-flow sampling (`vitdiff.flow.sample`)."""
+    against the empty caption, or against `negative`. Rectified-flow sampling (`vitdiff.flow.sample`).
+    `tokenizer`: the model's (default: `pretrained.shapes_tokenizer()`); decode=False returns the latents
+    (N, 4, 8, 8) on the CPU instead of images."""
     from . import flow
     from .pretrained import load, shapes_tokenizer
 
     device = next(model.parameters()).device
     vae = load("shapes_vae", device=device)
-    tokenizer = shapes_tokenizer()
+    tokenizer = tokenizer or shapes_tokenizer()
     ids, mask = tokenizer.encode(captions if captions is not None else [shapes_caption([row]) for row in
                                                                        labels.tolist()])
     null_ids, null_mask = tokenizer.encode(negative)
@@ -351,7 +356,7 @@ def shapes_latent_text_samples(model: nn.Module, labels: torch.Tensor, *, scale:
         denoiser = model if scale == 1.0 else classifier_free_guidance(model, scale, uncond)
         noise = torch.randn((len(c["ids"]), 4, 8, 8), generator=generator, device=device)
         z = flow.sample(denoiser, noise, steps=steps, method=method, progress=False, **c)
-        out.append(to01(vae.decode_latents(z)).cpu())
+        out.append(to01(vae.decode_latents(z)).cpu() if decode else z.float().cpu())
     return torch.cat(out)
 
 
@@ -368,14 +373,47 @@ def _shapes_mmdit(name: str, model: nn.Module, device: torch.device, progress: b
     counts = {"held_out": held_out_per_prompt or per_prompt}
     result: dict[str, Any] = {"sampler": f"euler {steps} steps", "chance": {"shape": 1 / 3, "color": 1 / 4,
                                                                           "position": 1 / 4, "all": 1 / 48}}
+    real_images, _, real_labels = Shapes(size=len(SHAPE_TRIPLES) * per_prompt, img_size=32, seed=1).tensors()
     for group, triples in groups.items():
         labels = torch.tensor(triples).repeat_interleave(counts.get(group, per_prompt), dim=0)
         rows = []
         for scale in tqdm(scales, desc=f"{name} {group}", disable=not progress, leave=False):
             x = shapes_latent_text_samples(model, labels, scale=scale, steps=steps)
-            rows.append({"scale": scale, "samples": len(labels), **prompt_adherence(evaluator, x, labels),
-                         "diversity": feature_diversity(evaluator, x, len(triples))})
+            row = {"scale": scale, "samples": len(labels), **prompt_adherence(evaluator, x, labels),
+                   "diversity": feature_diversity(evaluator, x, len(triples))}
+            if group == "all":  # every prompt equally often, as in the real images: FD is meaningful
+                row["fd"] = fd_score(evaluator, real_images, x)
+            rows.append(row)
         result[f"guidance_sweep_{group}"] = rows
-    real_images, _, real_labels = Shapes(size=1000, img_size=32, seed=1).tensors()
+    if "all" in groups:
+        other, _, _ = Shapes(size=len(real_images), img_size=32, seed=2).tensors()
+        result["fd_floor"] = fd_score(evaluator, real_images, other)  # real vs real at the same N
+        result["validation_loss"] = shapes_validation_loss(model)
     result["real"] = prompt_adherence(evaluator, real_images, real_labels[:, 0])
     return result
+
+
+@torch.no_grad()
+def shapes_validation_loss(model: nn.Module, n: int = 1000, seed: int = 0) -> float:
+    """The rectified-flow loss (logit-normal t, full captions) of a latent text model on n Shapes images it never
+    saw (seed 1), encoded by shapes_vae, with t and ε drawn from one seeded generator: the same draws for
+    every model, so the numbers compare."""
+    from . import flow
+    from .pretrained import _encoded, shapes_tokenizer
+
+    device = next(model.parameters()).device
+
+    def images() -> tuple[torch.Tensor, torch.Tensor]:
+        x, _, labels = Shapes(size=n, img_size=32, seed=1).tensors()
+        return x * 2 - 1, labels[:, 0]
+
+    latents, labels = _encoded("shapes_vae", f"shapes-validation-{n}", images, device)
+    ids, mask = shapes_tokenizer().encode([shapes_caption([row]) for row in labels.tolist()])
+    generator = torch.Generator().manual_seed(seed)
+    total = 0.0
+    for i0 in range(0, n, 250):
+        z0 = latents[i0:i0 + 250].to(device)
+        loss = flow.flow_loss(model, z0, "logit-normal", generator=generator,
+                              ids=ids[i0:i0 + 250].to(device), ids_mask=mask[i0:i0 + 250].to(device))
+        total += loss.item() * len(z0)
+    return total / n

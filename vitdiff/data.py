@@ -147,6 +147,9 @@ COLOR_RGB = {"red": (0.9, 0.15, 0.15), "green": (0.15, 0.8, 0.2), "blue": (0.2, 
              "yellow": (0.95, 0.85, 0.1)}
 POSITION_NAMES = ("top left", "top right", "bottom left", "bottom right")
 ATTRIBUTES = ("shape", "color", "position")
+# Shapes render_shapes can also draw but no Shapes caption or data set contains (unless extra_shapes=True): the
+# ring (shape index 3) is chapter 10's DreamBooth subject, a shape the text-to-image models have never seen.
+EXTRA_SHAPE_NAMES = ("ring",)
 
 
 def shapes_caption(labels: torch.Tensor | np.ndarray | list) -> str:
@@ -155,7 +158,8 @@ def shapes_caption(labels: torch.Tensor | np.ndarray | list) -> str:
     for shape, color, position in np.asarray(labels, dtype=np.int64).reshape(-1, 3):
         if shape < 0:
             continue
-        parts.append(f"a {COLOR_NAMES[color]} {SHAPE_NAMES[shape]} at the {POSITION_NAMES[position]}")
+        name = (SHAPE_NAMES + EXTRA_SHAPE_NAMES)[shape]
+        parts.append(f"a {COLOR_NAMES[color]} {name} at the {POSITION_NAMES[position]}")
     if not parts:
         raise ValueError("shapes_caption needs at least one object (a row without -1)")
     return " and ".join(parts)
@@ -174,7 +178,7 @@ def render_shapes(labels: torch.Tensor | np.ndarray | list, img_size: int = 32,
     """Draw objects [(shape, color, position), ...] on a black canvas -> (3, img_size, img_size) in [0, 1].
 
     Each object sits in its quadrant; with `rng` its size and offset are jittered. Edges are
-    anti-aliased by 4× supersampling.
+    anti-aliased by 4× supersampling. Shape indices go past SHAPE_NAMES into EXTRA_SHAPE_NAMES (3 = ring).
     """
     if isinstance(img_size, bool) or not isinstance(img_size, int) or img_size < 8:
         raise ValueError(f"img_size must be an int >= 8, got {img_size!r}")
@@ -184,7 +188,7 @@ def render_shapes(labels: torch.Tensor | np.ndarray | list, img_size: int = 32,
     for shape, color, position in np.asarray(labels, dtype=np.int64).reshape(-1, 3):
         if shape < 0:
             continue
-        if not (0 <= shape < len(SHAPE_NAMES) and 0 <= color < len(COLOR_NAMES)
+        if not (0 <= shape < len(SHAPE_NAMES) + len(EXTRA_SHAPE_NAMES) and 0 <= color < len(COLOR_NAMES)
                 and 0 <= position < len(POSITION_NAMES)):
             raise ValueError(f"object (shape={shape}, color={color}, position={position}) is out of range")
         row, col = divmod(int(position), 2)
@@ -193,7 +197,10 @@ def render_shapes(labels: torch.Tensor | np.ndarray | list, img_size: int = 32,
         jitter = (rng.uniform(-0.06, 0.06, size=2) * s) if rng is not None else np.zeros(2)
         cy, cx = (row + 0.5) * half + jitter[0], (col + 0.5) * half + jitter[1]
         dy, dx = yy - cy, xx - cx
-        if SHAPE_NAMES[shape] == "circle":
+        if shape >= len(SHAPE_NAMES):  # the ring: a circle with a hole of 0.55 of its radius
+            d2 = dx**2 + dy**2
+            inside = (d2 <= radius**2) & (d2 >= (0.55 * radius) ** 2)
+        elif SHAPE_NAMES[shape] == "circle":
             inside = dx**2 + dy**2 <= radius**2
         elif SHAPE_NAMES[shape] == "square":
             r = radius * 0.85
@@ -212,9 +219,11 @@ class Shapes(Dataset):
     Each image holds 1..max_objects coloured shapes in distinct quadrants, e.g. "a red circle at
     the top left". labels[k] = (shape, color, position) indices of object k, or -1s if absent.
     Item i depends only on (seed, i): the same on every run and machine, with no download.
+    extra_shapes=True also draws the EXTRA_SHAPE_NAMES (the ring, index 3), for chapter 10's evaluator.
     """
 
-    def __init__(self, size: int = 10_000, img_size: int = 32, seed: int = 0, max_objects: int = 1):
+    def __init__(self, size: int = 10_000, img_size: int = 32, seed: int = 0, max_objects: int = 1,
+                 extra_shapes: bool = False):
         if not isinstance(size, int) or size <= 0:
             raise ValueError(f"size must be a positive int, got {size!r}")
         if not isinstance(seed, int) or seed < 0:
@@ -222,6 +231,7 @@ class Shapes(Dataset):
         if max_objects not in (1, 2):
             raise ValueError(f"max_objects must be 1 or 2, got {max_objects!r}")
         self.size, self.img_size, self.seed, self.max_objects = size, img_size, seed, max_objects
+        self.num_shapes = len(SHAPE_NAMES) + (len(EXTRA_SHAPE_NAMES) if extra_shapes else 0)
         render_shapes(np.full((1, 3), -1), img_size)  # validates img_size early
 
     def __len__(self) -> int:
@@ -237,7 +247,7 @@ class Shapes(Dataset):
         positions = rng.permutation(len(POSITION_NAMES))[:count]
         rows = np.full((self.max_objects, 3), -1, dtype=np.int64)
         for k, position in enumerate(positions):
-            rows[k] = (rng.integers(len(SHAPE_NAMES)), rng.integers(len(COLOR_NAMES)), position)
+            rows[k] = (rng.integers(self.num_shapes), rng.integers(len(COLOR_NAMES)), position)
         return torch.from_numpy(rows)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, str, torch.Tensor]:

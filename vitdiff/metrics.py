@@ -177,6 +177,9 @@ EVALUATOR_RECIPES: dict[str, dict[str, Any]] = {
                       "train_size": 60_000, "test_size": 10_000, "steps": 1200, **_TRAINING},
     "shapes": {"model": {"in_chans": 3, "img_size": 32, "num_classes": [3, 4, 4], **_MODEL},
                "train_size": 4000, "test_size": 2000, "steps": 400, **_TRAINING},
+    # chapter 10's DreamBooth lesson: the Shapes evaluator with a fourth shape, the ring (data.EXTRA_SHAPE_NAMES)
+    "shapes_ring": {"model": {"in_chans": 3, "img_size": 32, "num_classes": [4, 4, 4], **_MODEL},
+                    "train_size": 5000, "test_size": 2000, "steps": 500, **_TRAINING},
 }
 SHAPES_TRAIN_SEED, SHAPES_TEST_SEED = 7001, 7002
 EVALUATOR_FORMAT = "vitdiff-evaluator-v1"
@@ -195,9 +198,10 @@ def _evaluator_name(name: str) -> str:
 def evaluator_data(name: str, train: bool, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The evaluator's images (N, C, H, W) in [0, 1] and labels: (N,) for MNIST-like sets, (N, 3) for Shapes."""
     name = _evaluator_name(name)
-    if name == "shapes":
+    if name in ("shapes", "shapes_ring"):
         size = EVALUATOR_RECIPES[name]["train_size" if train else "test_size"]
-        shapes = Shapes(size=limit or size, seed=SHAPES_TRAIN_SEED if train else SHAPES_TEST_SEED, max_objects=1)
+        shapes = Shapes(size=limit or size, seed=SHAPES_TRAIN_SEED if train else SHAPES_TEST_SEED, max_objects=1,
+                        extra_shapes=name == "shapes_ring")
         images, _, labels = shapes.tensors()
         return images, labels[:, 0]  # (N, 3, 32, 32), (N, 3)
     return dataset_tensors(name, train=train, limit=limit)
@@ -206,7 +210,7 @@ def evaluator_data(name: str, train: bool, limit: int | None = None) -> tuple[to
 def _head_accuracies(evaluator: Evaluator, name: str, images: torch.Tensor, labels: torch.Tensor) -> dict[str, float]:
     predictions = evaluator.predict_attributes(images)  # (N, heads)
     labels = labels.reshape(len(labels), -1)
-    if name == "shapes":
+    if name in ("shapes", "shapes_ring"):
         return {attribute: (predictions[:, k] == labels[:, k]).float().mean().item()
                 for k, attribute in enumerate(ATTRIBUTES)}
     return {"accuracy": (predictions[:, 0] == labels[:, 0]).float().mean().item()}

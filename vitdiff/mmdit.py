@@ -33,7 +33,7 @@ from einops import rearrange
 from torch import nn
 
 from .dit import FinalLayer, modulate
-from .layers import Mlp, PatchEmbed, TimestepEmbedder, attention, get_2d_sincos_pos_embed
+from .layers import Attention, Mlp, PatchEmbed, TimestepEmbedder, attention, get_2d_sincos_pos_embed
 
 QK_NORMS = (None, "rms_norm")
 
@@ -181,11 +181,15 @@ class MMDiT(nn.Module):
         self.y_embedder = nn.Sequential(nn.Linear(pooled_dim, hidden_size), nn.SiLU(),
                                         nn.Linear(hidden_size, hidden_size))  # pooled text (B, P) -> (B, D)
         self.context_embedder = nn.Linear(context_dim, hidden_size)  # text tokens (B, M, context_dim) -> (B, M, D)
-        self.joint_blocks = nn.ModuleList([
-            JointBlock(hidden_size, num_heads, mlp_ratio, qk_norm, context_pre_only=i == depth - 1)
-            for i in range(depth)])
+        self.joint_blocks = nn.ModuleList([self.make_block(hidden_size, num_heads, mlp_ratio, qk_norm,
+                                                           last=i == depth - 1) for i in range(depth)])
         self.final_layer = FinalLayer(hidden_size, patch_size, self.out_channels)
         self.initialize_weights()
+
+    def make_block(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: str | None,
+                   last: bool) -> nn.Module:
+        """One block: a JointBlock, whose text stream is pre-only in the last block."""
+        return JointBlock(hidden_size, num_heads, mlp_ratio, qk_norm, context_pre_only=last)
 
     @torch.no_grad()
     def initialize_weights(self) -> None:
@@ -200,10 +204,10 @@ class MMDiT(nn.Module):
         for mlp in (self.t_embedder.mlp, self.y_embedder):
             nn.init.normal_(mlp[0].weight, std=0.02)
             nn.init.normal_(mlp[2].weight, std=0.02)
-        for block in self.joint_blocks:
-            for stream in (block.context_block, block.x_block):
-                nn.init.zeros_(stream.adaLN_modulation[-1].weight)
-                nn.init.zeros_(stream.adaLN_modulation[-1].bias)
+        for module in self.joint_blocks.modules():  # every stream's (or CrossDiT block's) modulation
+            if hasattr(module, "adaLN_modulation"):
+                nn.init.zeros_(module.adaLN_modulation[-1].weight)
+                nn.init.zeros_(module.adaLN_modulation[-1].bias)
         for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
@@ -299,24 +303,89 @@ class MMDiT(nn.Module):
         return (out, maps) if return_attn else out
 
 
+class CrossDiTBlock(nn.Module):
+    """The baseline SD3 compares the MMDiT with ("CrossDiT"), as in PixArt-α: a DiT block with adaLN-Zero from
+    c = t_emb + pooled text, and between its self-attention and its MLP a cross-attention from the image tokens
+    to the text tokens, whose output projection starts at zero (PixArt-α), so the block starts as the identity.
+
+    Same interface as JointBlock: (context (B, M, D), x (B, N, D), c (B, D), mask (B, 1, 1, M + N)) ->
+    (context, x'). The text tokens are only read, never updated: they come back unchanged.
+    x = x + α₁ · SelfAttn(LN(x)(1 + γ₁) + β₁);  x = x + CrossAttn(LN'(x), context);
+    x = x + α₂ · MLP(LN(x)(1 + γ₂) + β₂)
+    """
+
+    def __init__(self, hidden_size: int, num_heads: int, mlp_ratio: float = 4.0, qk_norm: str | None = None):
+        super().__init__()
+        self.norm1 = _layer_norm(hidden_size)
+        self.attn = Attention(hidden_size, num_heads, qk_norm=qk_norm is not None)
+        self.norm_cross = nn.LayerNorm(hidden_size, eps=1e-6)  # its own affine LayerNorm: no adaLN here
+        self.cross_attn = Attention(hidden_size, num_heads, qk_norm=qk_norm is not None)
+        self.norm2 = _layer_norm(hidden_size)
+        self.mlp = Mlp(hidden_size, int(hidden_size * mlp_ratio), approximate_gelu=True)
+        self.adaLN_modulation = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 6 * hidden_size))
+
+    def forward(self, context: torch.Tensor, x: torch.Tensor, c: torch.Tensor, mask: torch.Tensor | None = None,
+                return_attn: bool = False) -> tuple[torch.Tensor | None, ...]:
+        """-> (context, x'), or (context, x', cross-attention weights (B, h, N, M)) with return_attn."""
+        shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = self.adaLN_modulation(c).chunk(6, dim=1)
+        x = x + gate_msa[:, None] * self.attn(modulate(self.norm1(x), shift_msa, scale_msa))  # (B, N, D)
+        text_mask = None if mask is None else mask[:, 0, 0, :context.shape[1]]  # (B, M): the text keys
+        out = self.cross_attn(self.norm_cross(x), context=context, mask=text_mask, return_attn=return_attn)
+        out, weights = out if return_attn else (out, None)
+        x = x + out  # image queries, text keys and values (chapter 05's cross-attention)
+        x = x + gate_mlp[:, None] * self.mlp(modulate(self.norm2(x), shift_mlp, scale_mlp))
+        return (context, x, weights) if return_attn else (context, x)
+
+
+class CrossDiT(MMDiT):
+    """The cross-attention DiT baseline of the SD3 paper (PixArt-α style), with the MMDiT's interface.
+
+    Everything but the blocks is the MMDiT's: patch embedding, positions, c = t_emb + MLP(pooled), the text
+    projection `context_embedder`, final adaLN layer. Each block is a CrossDiTBlock: the text tokens are only
+    keys and values of a cross-attention, never updated, and carry no weights per block but those of that
+    cross-attention. (`joint_blocks` holds the CrossDiT blocks, so the two models share one forward.)
+    With return_attn the maps are each block's cross-attention weights (B, h, N, M), image queries over text.
+    """
+
+    def make_block(self, hidden_size: int, num_heads: int, mlp_ratio: float, qk_norm: str | None,
+                   last: bool) -> nn.Module:
+        return CrossDiTBlock(hidden_size, num_heads, mlp_ratio, qk_norm)
+
+    @torch.no_grad()
+    def initialize_weights(self) -> None:
+        """The MMDiT's initialisation, and every cross-attention output projection at zero (PixArt-α)."""
+        super().initialize_weights()
+        for block in self.joint_blocks:
+            nn.init.zeros_(block.cross_attn.proj.weight)
+            nn.init.zeros_(block.cross_attn.proj.bias)
+
+
+BACKBONES = {"mmdit": MMDiT, "crossdit": CrossDiT}
+
+
 class TextMMDiT(nn.Module):
     """An MMDiT and the small text encoder it reads, trained together (chapters 09 and 10), as TextUNet.
 
     model(x, t, ids=(B, L) token ids, ids_mask=(B, L) bool) -> (B, C, H, W): the encoder's tokens are the
     text stream (padding masked out of the joint attention) and their mean is the pooled vector added to
     the timestep embedding, the roles CLIP/T5 tokens and CLIP's pooled output play in SD3. The empty caption
-    (just <eos>) is the null condition of classifier-free guidance.
+    (just <eos>) is the null condition of classifier-free guidance. backbone="crossdit" puts a CrossDiT (the
+    same config) in the MMDiT's place: chapter 09's cross-attention baseline with the same text encoder.
     """
 
-    def __init__(self, mmdit: dict, encoder: dict):
+    def __init__(self, mmdit: dict, encoder: dict, backbone: str = "mmdit"):
         super().__init__()
         from .text import TextEncoder  # text.py does not need the MMDiT; keep the import one-way
 
+        if backbone not in BACKBONES:
+            raise ValueError(f"backbone must be one of {sorted(BACKBONES)}, got {backbone!r}")
         for key in ("context_dim", "pooled_dim"):
             if mmdit.get(key) != encoder.get("dim"):
                 raise ValueError(f"mmdit {key}={mmdit.get(key)!r} must equal the encoder dim={encoder.get('dim')!r}")
-        self.mmdit, self.encoder = MMDiT(**mmdit), TextEncoder(**encoder)
+        self.mmdit, self.encoder = BACKBONES[backbone](**mmdit), TextEncoder(**encoder)
         self.config = {"mmdit": self.mmdit.config, "encoder": self.encoder.config}
+        if backbone != "mmdit":  # older sidecars have no backbone key: they are MMDiTs
+            self.config["backbone"] = backbone
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, ids: torch.Tensor, ids_mask: torch.Tensor,
                 return_attn: bool = False):

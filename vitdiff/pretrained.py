@@ -159,6 +159,23 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            "shapes_vae latents, rectified flow with logit-normal timesteps, caption dropout for guidance (SD3)",
            "TextMMDiT", _SHAPES_MMDIT, "shapes_latents", "flow", _MMDIT_TRAIN,
            {"vae": "shapes_vae", "timestep_sampler": "logit-normal", "caption_variant_probs": _CAPTION_PROBS}),
+    # chapter 09's comparison in miniature (SD3, Figure 4): the same latents, objective, captions, text encoder and
+    # optimiser, about the MMDiT's parameter count, and steps for the MMDiT's one-core CPU time (cpu_seconds_per_step)
+    Recipe("shapes_crossdit", "09", "cross-attention DiT (PixArt-α style, width 144, 4 blocks, MLP ratio 3) + the "
+           "same text encoder on shapes_vae latents, as shapes_mmdit; about its parameters and CPU time",
+           "TextMMDiT", {**_SHAPES_MMDIT, "mmdit": {**_SHAPES_MMDIT["mmdit"], "hidden_size": 144, "mlp_ratio": 3.0},
+                         "backbone": "crossdit"},
+           "shapes_latents", "flow", {**_MMDIT_TRAIN, "steps": 3300},
+           {"vae": "shapes_vae", "timestep_sampler": "logit-normal", "caption_variant_probs": _CAPTION_PROBS}),
+    Recipe("shapes_unet_latent", "09", "chapter 05's text U-Net (cross-attention at 8x8, 4x4 and 2x2, pooled caption, "
+           "coordinate channels) + the same text encoder on shapes_vae latents, as shapes_mmdit; about its "
+           "parameters and CPU time",
+           "TextUNet", {"unet": {"in_channels": 4, "base_channels": 32, "channel_mult": [1, 2, 2],
+                                 "num_res_blocks": 1, "attention_resolutions": [0, 1, 2], "num_heads": 4,
+                                 "context_dim": 64, "groups": 8, "pooled_dim": 64, "coord_channels": True},
+                        "encoder": _SHAPES_MMDIT["encoder"]},
+           "shapes_latents", "flow", {**_MMDIT_TRAIN, "steps": 2000},
+           {"vae": "shapes_vae", "timestep_sampler": "logit-normal", "caption_variant_probs": _CAPTION_PROBS}),
     Recipe("shapes_mmdit_holdout", "10", "the shapes_mmdit recipe with the HELD_OUT colour x shape x position "
            "combinations removed from its training images, to measure compositional generalisation",
            "TextMMDiT", _SHAPES_MMDIT, "shapes_latents_holdout", "flow", _MMDIT_TRAIN,
@@ -187,7 +204,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
 
 # Recipes defined but not yet trained and committed (a new recipe waits here until a CPU or GPU run has trained
 # it; `python -m vitdiff.book run --budget full` trains them with the rest). `load` gives a clear error for them.
-PLANNED: frozenset[str] = frozenset()
+PLANNED: frozenset[str] = frozenset({"shapes_crossdit", "shapes_unet_latent"})
 
 # Recipes shipped as their sidecar alone (recipe, training record, sha256 and metrics): the notebooks read only
 # their measurements, and their weights would take the package past its 32 MB budget. `load` says how to
@@ -371,7 +388,7 @@ def recipe_loss(r: Recipe, device: torch.device) -> Callable[[nn.Module, tuple[t
                 return diffusion_loss(model, schedule, x0, r.objective, y=torch.where(drop, null, y))
             return class_loss
         return lambda model, batch: diffusion_loss(model, schedule, batch[0], r.objective)
-    if r.objective == "flow" and r.model == "TextMMDiT":
+    if r.objective == "flow" and r.model in ("TextMMDiT", "TextUNet"):
         sampler, tokenizer = o.get("timestep_sampler", "logit-normal"), shapes_tokenizer()
         table = caption_table(tokenizer).to(device)  # (5, 48, L)
         probs = torch.tensor(o["caption_variant_probs"], device=device)
