@@ -89,7 +89,8 @@ def test_a_checkpoint_from_another_recipe_is_refused(tmp_path):
         pretrained.load("fmnist_vae", directory=tmp_path / "d")
 
 
-@pytest.mark.parametrize("name, threshold", [("mnist", 0.98), ("fashion_mnist", 0.88), ("shapes", 0.98)])
+@pytest.mark.parametrize("name, threshold", [("mnist", 0.98), ("fashion_mnist", 0.88), ("shapes", 0.98),
+                                             ("shapes_ring", 0.98)])
 def test_the_evaluators_can_be_trusted(name, threshold):
     evaluator = get_evaluator(name)
     images, labels = evaluator_data(name, train=False, limit=2000)
@@ -131,3 +132,34 @@ def test_cpu_seconds_per_step_times_real_steps_on_one_thread():
     threads = torch.get_num_threads()
     seconds = pretrained.cpu_seconds_per_step("fmnist_vae", steps=1, warmup=1)
     assert seconds > 0 and torch.get_num_threads() == threads, "the caller's thread count is restored"
+
+
+def test_chapter_09_contestants_match_the_mmdit_in_everything_but_the_backbone():
+    """Same data, objective, options, text encoder, batch and optimiser; parameters within 4%; steps sized by time."""
+    base = pretrained.recipe("shapes_mmdit")
+    count = lambda r: sum(p.numel() for p in pretrained.build_model(r).parameters())
+    for name in ("shapes_crossdit", "shapes_unet_latent"):
+        r = pretrained.recipe(name)
+        assert (r.data, r.objective, r.options) == (base.data, base.objective, base.options)
+        assert r.config["encoder"] == base.config["encoder"]
+        assert {k: v for k, v in r.train.items() if k != "steps"} == {k: v for k, v in base.train.items() if k != "steps"}
+        assert abs(count(r) / count(base) - 1) < 0.04, name
+        assert r.train["steps"] < base.train["steps"]  # both are slower per step than the MMDiT
+
+
+def test_shapes_validation_loss_is_the_same_draw_for_every_model():
+    from vitdiff.bookmetrics import shapes_validation_loss
+
+    class Zero(torch.nn.Module):  # predicts velocity 0: the loss is then E||ε - z0||² = 1 + E[z0²] per element
+        def __init__(self):
+            super().__init__()
+            self.anchor = torch.nn.Parameter(torch.zeros(()))
+
+        def forward(self, x, t, ids, ids_mask):
+            return torch.zeros_like(x) + 0 * self.anchor
+
+    model = pretrained.load("shapes_mmdit")
+    first, second = shapes_validation_loss(model, n=50), shapes_validation_loss(model, n=50)
+    zero = shapes_validation_loss(Zero(), n=50)
+    assert first == second, "fixed noise and timesteps: the same number every time"
+    assert 1.5 < zero < 2.5 and first < 0.3 * zero, (first, zero)
