@@ -284,8 +284,9 @@ def test_overfits_one_batch_with_the_flow_loss():
 # ----------------------------------------------------------------------------- dtypes, sizes, compile
 
 
-def test_bfloat16_weights_run_on_cpu():
-    model = wake(MMDiT(**TINY, qk_norm="rms_norm", pos_embed_max_size=8)).bfloat16()
+@pytest.mark.parametrize("backbone", [MMDiT, CrossDiT])
+def test_bfloat16_weights_run_on_cpu(backbone):
+    model = wake(backbone(**TINY, qk_norm="rms_norm", pos_embed_max_size=8)).bfloat16()
     x, t, context, pooled = inputs()
     long_context, mask = padded(context, extra=2)
     out = model(x.bfloat16(), t, long_context.bfloat16(), pooled.bfloat16(), context_mask=mask)
@@ -311,8 +312,9 @@ def test_cropped_position_table_takes_other_sizes():
         model(torch.randn(2, 3, 9, 8), t, context, pooled)
 
 
-def test_compiles_without_graph_breaks():
-    model = wake(MMDiT(**TINY, qk_norm="rms_norm")).eval()
+@pytest.mark.parametrize("backbone", [MMDiT, CrossDiT])
+def test_compiles_without_graph_breaks(backbone):
+    model = wake(backbone(**TINY, qk_norm="rms_norm")).eval()
     compiled = torch.compile(model, backend="eager", fullgraph=True)  # any graph break is an error
     x, t, context, pooled = inputs()
     long_context, mask = padded(context, extra=2)
