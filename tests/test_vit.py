@@ -160,3 +160,27 @@ def test_overfits_one_batch():
     with torch.no_grad():
         accuracy = (model(images).argmax(-1) == labels).float().mean().item()
     assert accuracy == 1.0, f"train accuracy {accuracy:.2f} after overfitting (loss {loss.item():.3f})"
+
+
+def test_conv_stem_gives_the_same_token_grid_and_overlapping_receptive_fields():
+    patch, conv = tiny_vit(), tiny_vit(stem="conv")
+    assert "stem" not in patch.config and conv.config["stem"] == "conv"
+    assert conv.patch_embed.grid_size == patch.patch_embed.grid_size == 4
+    assert conv.pos_embed.shape == patch.pos_embed.shape
+    x = torch.rand(2, 3, 16, 16)
+    tokens = conv.patch_embed(x)
+    assert tokens.shape == patch.patch_embed(x).shape == (2, 16, 32)
+    # a pixel changed in patch 0 reaches patch 1 through the 3x3 kernels; a hard 4x4 cut keeps it in patch 0
+    y = x.clone()
+    y[:, :, 1, 3] += 1.0
+    with torch.no_grad():
+        moved = lambda stem: (stem(y) - stem(x)).abs().sum(dim=(0, 2)) > 0  # (16,) which tokens changed
+        assert moved(conv.patch_embed)[:2].tolist() == [True, True]
+        assert moved(patch.patch_embed)[:2].tolist() == [True, False]
+    assert isinstance(ViT(**conv.config).patch_embed, type(conv.patch_embed))  # the config rebuilds it
+    with pytest.raises(ValueError, match="stem must be"):
+        tiny_vit(stem="hybrid")
+    with pytest.raises(ValueError, match="power of two"):
+        tiny_vit(stem="conv", patch_size=3, img_size=15)
+    with pytest.raises(ValueError, match="ConvStem expects"):
+        conv(torch.rand(2, 3, 12, 12))

@@ -232,6 +232,8 @@ CANDIDATES: dict[str, Recipe] = {r.name: r for r in [
              unet={"pooled_dim": None}),
     _variant("fmnist_vit", "fmnist_vit_w96", "ViT width 96, 6 blocks", 3200, config={"embed_dim": 96, "depth": 6}),
     _variant("fmnist_vit", "fmnist_vit_w128", "ViT width 128, 6 blocks", 2000, config={"embed_dim": 128, "depth": 6}),
+    _variant("fmnist_vit", "fmnist_vit_conv", "ViT with a convolutional stem (Xiao et al. 2021) on the same 7x7 grid",
+             7000, config={"stem": "conv"}),
 ]}
 
 
