@@ -30,8 +30,7 @@ def test_the_subject_is_the_ring_in_the_top_row():
     assert SHAPE_NAMES[dreambooth.CIRCLE] == dreambooth.CLASS_NOUN
     assert (labels[:, 0] == dreambooth.RING).all() and EXTRA_SHAPE_NAMES[dreambooth.RING - len(SHAPE_NAMES)] == "ring"
     assert set(labels[:, 2].tolist()) == {0, 1}  # top left and top right only: the bottom row is a new context
-    assert set(labels[:, 1].tolist()) == {0}  # one subject: a red ring
-    assert not torch.equal(images[0], images[3])  # the same quadrant twice, jittered
+    assert set(labels[:, 1].tolist()) == {0, 1, 2, 3}  # the ring in every colour
     assert dreambooth.concept_caption(3) == "a [v] circle at the bottom right"
     assert len(dreambooth.class_captions()) == 20 and all("circle" in c for c in dreambooth.class_captions())
 

@@ -40,9 +40,10 @@ from .text import Tokenizer
 RING = len(SHAPE_NAMES)  # shape index of the subject (data.EXTRA_SHAPE_NAMES[0])
 TOKEN, CLASS_NOUN = "[v]", "circle"
 CIRCLE = SHAPE_NAMES.index(CLASS_NOUN)
-# the four subject images (shape, colour, position): one red ring, twice in each quadrant of the top row (size and
-# offset jittered), so the bottom row is a context the subject was never shown in
-EXAMPLES = ((RING, 0, 0), (RING, 0, 1), (RING, 0, 1), (RING, 0, 0))
+# the four subject images (shape, colour, position): the ring in four colours, all in the top row, so the bottom
+# row is a context the subject was never shown in. (One red ring, twice per quadrant, measured worse: with the prior
+# of red circles so close, 9.5% of "a circle" drifted to rings and old adherence fell 6.6 points.)
+EXAMPLES = ((RING, 0, 0), (RING, 1, 1), (RING, 2, 1), (RING, 3, 0))
 RESULTS = Path(__file__).resolve().parent / "checkpoints" / "dreambooth.json"
 
 
@@ -139,7 +140,6 @@ def measure(model: nn.Module, tokenizer: Tokenizer, per_prompt: int = 8, concept
     """What chapter 10 reads, with the four-shape evaluator (circle, square, triangle, ring):
     - concept: samples of "a [v] circle at the <position>" (concept_per_position each) drawn as a ring, in the
       right quadrant, and both; for the top row (the subject's positions) and the bottom row (never shown);
-      and in the subject's colour (red), which the caption does not name;
     - drift: samples of "a circle at the <position>" drawn as a ring (the class noun taken over);
     - old: all-three-attribute adherence on the 48 original prompts (per_prompt each; a ring counts as wrong)."""
     from .bookmetrics import shapes_latent_text_samples
@@ -161,7 +161,6 @@ def measure(model: nn.Module, tokenizer: Tokenizer, per_prompt: int = 8, concept
         top = positions < 2
         result["concept"] = {
             "samples": len(positions), "ring": ring.float().mean().item(),
-            "subject_color": (predicted[:, 1] == EXAMPLES[0][1]).float().mean().item(),
             "position": placed.float().mean().item(), "ring_and_position": (ring & placed).float().mean().item(),
             "ring_top_row": ring[top].float().mean().item(), "ring_bottom_row": ring[~top].float().mean().item(),
             "ring_and_position_bottom_row": (ring & placed)[~top].float().mean().item()}
