@@ -204,12 +204,12 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
 
 # Recipes defined but not yet trained and committed (a new recipe waits here until a CPU or GPU run has trained
 # it; `python -m vitdiff.book run --budget full` trains them with the rest). `load` gives a clear error for them.
-PLANNED: frozenset[str] = frozenset({"shapes_unet_latent"})
+PLANNED: frozenset[str] = frozenset()
 
 # Recipes shipped as their sidecar alone (recipe, training record, sha256 and metrics): the notebooks read only
 # their measurements, and their weights would take the package past its 32 MB budget. `load` says how to
 # recreate the weights (`python -m vitdiff.pretrained train NAME`).
-METRICS_ONLY: frozenset[str] = frozenset({"fmnist_dit_eps", "shapes_crossdit"})
+METRICS_ONLY: frozenset[str] = frozenset({"fmnist_dit_eps", "shapes_crossdit", "shapes_unet_latent"})
 
 
 def _variant(base: str, name: str, summary: str, steps: int, config: dict[str, Any] | None = None,
