@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from vitdiff.budget import get_budget, get_device, is_full, pick, seed_everything
+from vitdiff.budget import get_budget, get_device, is_full, pick, progress_bars, seed_everything
 
 
 @pytest.mark.parametrize("value, expected", [("quick", "quick"), ("full", "full"), (" FULL ", "full"),
@@ -67,3 +67,9 @@ def test_seed_everything_repeats_every_generator():
 def test_seed_everything_rejects_bad_seeds(seed):
     with pytest.raises(ValueError, match="seed"):
         seed_everything(seed)
+
+
+@pytest.mark.parametrize("value, shown", [("", True), ("0", True), ("1", False), ("true", False), (" YES ", False)])
+def test_progress_bars_follow_tqdm_disable(monkeypatch, value, shown):
+    monkeypatch.setenv("TQDM_DISABLE", value)
+    assert progress_bars() is shown

@@ -55,3 +55,9 @@ def seed_everything(seed: int = 0) -> torch.Generator:
     if torch.cuda.is_available():
         torch.cuda.manual_seed_all(seed)
     return torch.Generator().manual_seed(seed)
+
+
+def progress_bars() -> bool:
+    """Whether command-line tools show tqdm bars: yes unless TQDM_DISABLE is set to 1/true/yes (tqdm's own switch,
+    which an explicit disable=False in the code would otherwise override)."""
+    return os.environ.get("TQDM_DISABLE", "").strip().lower() not in ("1", "true", "yes")

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from .budget import progress_bars
 from .data import COLOR_NAMES, POSITION_NAMES, SHAPE_NAMES, render_shapes
 from .flow import flow_loss
 from .text import Tokenizer
@@ -214,7 +215,7 @@ def _main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="few samples, for a smoke test (not written)")
     args = parser.parse_args(argv)
     options = {"per_prompt": 1, "concept_per_position": 4} if args.quick else {}
-    record = run(device=args.device, **options)
+    record = run(device=args.device, progress=progress_bars(), **options)
     print(json.dumps(record, indent=1))
     if not args.quick:
         RESULTS.write_text(json.dumps(record, indent=1) + "\n")

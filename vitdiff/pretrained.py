@@ -38,7 +38,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 from torch.nn import functional as F
 
-from .budget import get_device
+from .budget import get_device, progress_bars
 from .checkpoint import CheckpointError
 from .data import COLOR_NAMES, POSITION_NAMES, SHAPE_NAMES, Shapes, data_root, dataset_tensors, shapes_vocabulary
 from .diffusion import NoiseSchedule, diffusion_loss
@@ -673,11 +673,11 @@ def _main(argv: list[str] | None = None) -> int:
         recipe(name)
     for name in names:
         if args.command == "train":
-            meta = train_recipe(name, device=args.device)
+            meta = train_recipe(name, device=args.device, progress=progress_bars())
             print(f"{name}: {meta['steps']} steps in {meta['train_seconds']:.0f} s on {meta['device_name']}; "
                   f"{meta['file_bytes'] / 1e6:.2f} MB")
         else:
-            meta = evaluate_recipe(name, device=args.device, **json.loads(args.options))
+            meta = evaluate_recipe(name, device=args.device, progress=progress_bars(), **json.loads(args.options))
             print(f"{name}: " + json.dumps(meta["metrics"], indent=1))
     return 0
 
