@@ -71,3 +71,18 @@ def test_finetune_learns_the_new_word_and_trains_on_the_prior():
     assert not torch.equal(new_row(runs[True][0]), new_row(dreambooth.add_token(original, tokenizer)[0]))
     assert sum(runs[False][1][-5:]) < sum(runs[False][1][:5])  # the subject images are being fitted
     assert sum(runs[True][1]) > sum(runs[False][1])  # the prior term adds a loss of its own
+
+
+def test_measure_reads_the_new_word_the_drift_and_the_old_prompts():
+    original, tokenizer = tiny_model(), pretrained.shapes_tokenizer()
+    before = dreambooth.measure(original, tokenizer, per_prompt=1, concept_per_position=2, steps=2)
+    assert "concept" not in before, "no [v] in the vocabulary yet: nothing to measure"
+    assert before["drift"]["samples"] == 8 and before["old"]["samples"] == 48
+    model, new_tokenizer = dreambooth.add_token(original, tokenizer)
+    after = dreambooth.measure(model, new_tokenizer, per_prompt=1, concept_per_position=2, steps=2)
+    concept = after["concept"]
+    assert concept["samples"] == 8
+    assert concept["ring_and_position"] <= min(concept["ring"], concept["position"])
+    assert concept["ring"] == (concept["ring_top_row"] + concept["ring_bottom_row"]) / 2  # 4 + 4 samples
+    for part in (after["drift"], after["old"]):
+        assert all(0 <= v <= 1 for k, v in part.items() if k != "samples")

@@ -34,7 +34,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from .budget import progress_bars
-from .data import COLOR_NAMES, POSITION_NAMES, SHAPE_NAMES, render_shapes
+from .data import COLOR_NAMES, POSITION_NAMES, SHAPE_NAMES, render_shapes, shapes_caption
 from .flow import flow_loss
 from .text import Tokenizer
 
@@ -171,7 +171,6 @@ def measure(model: nn.Module, tokenizer: Tokenizer, per_prompt: int = 8, concept
     result["drift"] = {"samples": len(positions), "ring": (predicted[:, 0] == RING).float().mean().item(),
                        "circle": (predicted[:, 0] == CIRCLE).float().mean().item()}
     labels = torch.tensor(SHAPE_TRIPLES).repeat_interleave(per_prompt, dim=0)
-    from .data import shapes_caption
     images = sample([shapes_caption([row]) for row in labels.tolist()], seed=4)
     result["old"] = {"samples": len(labels), **prompt_adherence(evaluator, images, labels)}
     return result
