@@ -313,8 +313,9 @@ def load_evaluator(name: str, device: str | torch.device | None = None) -> Evalu
 
 
 def get_evaluator(name: str, device: str | torch.device | None = None, retrain: bool = False) -> Evaluator:
-    """The evaluator of "mnist", "fashion_mnist" or "shapes": loaded from the cache under the data root,
-    else trained once (about 20 s on a CPU), cached, and its test accuracy printed.
+    """The evaluator of "mnist", "fashion_mnist", "shapes" or "shapes_ring" (chapter 10: four shapes, the ring
+    too): loaded from the cache under the data root, else trained once (about 20 s on a CPU), cached, and its
+    test accuracy printed.
 
     A corrupt or outdated cache is retrained, with a warning that says why.
     Training always runs on the CPU with a fixed recipe; `device` is where the returned model lives.
