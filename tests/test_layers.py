@@ -67,6 +67,14 @@ def test_patch_embed_shapes():
     assert embed(torch.randn(2, 3, 32, 32)).shape == (2, 64, 24)
 
 
+def test_patch_embed_gives_a_contiguous_residual_stream():
+    # a transposed (B, N, D) view would propagate through every residual add of a DiT (no class token to
+    # concatenate) and make each LayerNorm and Linear copy its input first: 3% of a CPU training step
+    tokens = PatchEmbed(img_size=16, patch_size=2, in_chans=4, embed_dim=32)(torch.randn(2, 4, 16, 16))
+    assert tokens.is_contiguous()
+    assert (tokens + torch.zeros(1, 64, 32)).is_contiguous()
+
+
 def test_patch_embed_equals_flatten_then_linear():
     p, c, d = 4, 3, 10
     embed = randomize_(PatchEmbed(img_size=16, patch_size=p, in_chans=c, embed_dim=d))

@@ -67,7 +67,9 @@ class PatchEmbed(nn.Module):
         elif (h, w) != (self.img_size, self.img_size):
             raise ValueError(f"PatchEmbed expects {self.img_size}x{self.img_size} images, got {h}x{w}")
         x = self.proj(x)  # (B, D, H/P, W/P)
-        return rearrange(x, "b d gh gw -> b (gh gw) d")
+        # contiguous: elementwise ops keep the layout of their first input, so a transposed view here would make
+        # the whole residual stream transposed, and every LayerNorm and Linear after it would copy it first
+        return rearrange(x, "b d gh gw -> b (gh gw) d").contiguous()
 
 
 def patchify(x: torch.Tensor, patch_size: int) -> torch.Tensor:
