@@ -148,6 +148,41 @@ def test_chapter_09_contestants_match_the_mmdit_in_everything_but_the_backbone()
         assert r.train["steps"] < base.train["steps"]  # both are slower per step than the MMDiT
 
 
+def test_cross_attention_shares_reads_the_object_quadrant():
+    from vitdiff.bookmetrics import CAPTION_WORDS, cross_attention_shares
+
+    r = pretrained.recipe("shapes_unet_latent")
+    model = pretrained.build_model(r).eval()
+    stoi = pretrained.shapes_tokenizer().stoi
+    sides = [int(m.shape[2] ** 0.5) for m in model.cross_attention_maps(
+        torch.zeros(1, 4, 8, 8), torch.zeros(1), torch.tensor([[stoi["a"]] * 8]), torch.ones(1, 8, dtype=torch.bool))]
+
+    def fake_maps(x, t, ids, ids_mask):  # every word uniform, except the colour word: all in the named quadrant
+        maps = []
+        for side in sides:
+            m = torch.full((len(ids), 2, side, side, ids.shape[1]), 1 / side**2)
+            for b, row in enumerate(ids.tolist()):
+                r0 = 0 if row[5] == stoi["top"] else side // 2
+                c0 = 0 if row[6] == stoi["left"] else side // 2
+                m[b, :, :, :, 1] = 0
+                m[b, :, r0:r0 + side // 2, c0:c0 + side // 2, 1] = 1 / (side // 2) ** 2
+            maps.append(m.reshape(len(ids), 2, side * side, -1))
+        return maps
+
+    model.cross_attention_maps = fake_maps
+    result = cross_attention_shares(model)
+    assert result["images"] == 48 and len(result["layers"]) == len(sides)
+    assert [layer["side"] for layer in result["layers"]] == sides
+    assert result["layers"][0]["layer"].startswith("down") and result["layers"][-1]["layer"].startswith("up")
+    for layer in result["layers"]:
+        assert layer["share"]["colour"] == pytest.approx(1.0)
+        for word in CAPTION_WORDS:
+            if word != "colour":
+                assert layer["share"][word] == pytest.approx(0.25)
+    probe = torch.tensor(result["probe_maps"]["maps"])  # (2, L, side, side); the first probe is top left
+    assert probe[0, 1, :probe.shape[-1] // 2, :probe.shape[-1] // 2].sum().item() == pytest.approx(1.0, abs=1e-3)
+
+
 def test_shapes_validation_loss_is_the_same_draw_for_every_model():
     from vitdiff.bookmetrics import shapes_validation_loss
 

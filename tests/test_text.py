@@ -94,6 +94,22 @@ def test_padded_positions_do_not_change_real_tokens():
     assert not torch.allclose(encoder(changed, mask)[2][0], pooled[0], atol=1e-4)
 
 
+def test_depth_zero_keeps_each_token_its_own_word():
+    tokenizer = Tokenizer(shapes_vocabulary(), max_length=10)
+    torch.manual_seed(0)
+    bag, deep = TextEncoder(tokenizer.vocab_size, 10, dim=16, depth=0), TextEncoder(tokenizer.vocab_size, 10, dim=16)
+    ids, mask = tokenizer.encode(["a red circle at the top left"])
+    changed = ids.clone()
+    changed[0, 1] = tokenizer.stoi["green"]  # another colour word
+    for encoder, others_move in ((bag, False), (deep, True)):
+        tokens, _, _ = encoder(ids, mask)
+        tokens2, _, _ = encoder(changed, mask)
+        assert not torch.allclose(tokens2[0, 1], tokens[0, 1])
+        assert torch.allclose(tokens2[0, 2:], tokens[0, 2:]) != others_move  # the shape word hears the colour?
+    with pytest.raises(ValueError, match="depth must be a non-negative int"):
+        TextEncoder(tokenizer.vocab_size, 10, depth=-1)
+
+
 def test_encoder_errors():
     _, encoder = make_encoder()
     with pytest.raises(ValueError, match="ids must lie in"):

@@ -207,7 +207,7 @@ _GPU_OPTIONS: dict[str, dict[str, Any]] = {
 def _family(name: str) -> str:
     """The measurements a recipe gets: a candidate recipe (shapes_text_pool8, fmnist_vit_w96) is measured as its
     family (shapes_text, fmnist_vit)."""
-    for family in ("shapes_text", "fmnist_vit"):
+    for family in ("shapes_text", "fmnist_vit", "shapes_unet_latent"):
         if name.startswith(family + "_"):
             return family
     return name
@@ -389,8 +389,77 @@ def _shapes_mmdit(name: str, model: nn.Module, device: torch.device, progress: b
         other, _, _ = Shapes(size=len(real_images), img_size=32, seed=2).tensors()
         result["fd_floor"] = fd_score(evaluator, real_images, other)  # real vs real at the same N
         result["validation_loss"] = shapes_validation_loss(model)
+    if hasattr(model, "unet"):  # a TextUNet: where its words land (chapter 05)
+        result["cross_attention"] = cross_attention_shares(model)
     result["real"] = prompt_adherence(evaluator, real_images, real_labels[:, 0])
     return result
+
+
+@torch.no_grad()
+def _validation_latents(n: int = 1000) -> tuple[torch.Tensor, torch.Tensor]:
+    """n unseen Shapes images (seed 1) encoded by shapes_vae, (n, 4, 8, 8) on the CPU, and their labels (n, 3)."""
+    from .pretrained import _encoded
+
+    def images() -> tuple[torch.Tensor, torch.Tensor]:
+        x, _, labels = Shapes(size=n, img_size=32, seed=1).tensors()
+        return x * 2 - 1, labels[:, 0]
+
+    return _encoded("shapes_vae", f"shapes-validation-{n}", images, torch.device("cpu"))
+
+
+CAPTION_WORDS = ("a", "colour", "shape", "at", "the", "row", "column", "<eos>")  # token j of every full caption
+
+
+@torch.no_grad()
+def cross_attention_shares(model: nn.Module, t: float = 0.5, seed: int = 0) -> dict[str, Any]:
+    """Where a latent text U-Net's words land: for one unseen image per caption (48), noised to flow time t, the
+    share of each token's cross-attention weight that falls inside the object's quadrant, averaged over heads
+    and images, for every SpatialTransformer in the order they run (chance: 25%). Also the maps themselves
+    (head mean) of a red circle top left and a blue square bottom right at the layer where the colour and
+    shape words land most inside, for the notebook to draw."""
+    from .pretrained import SHAPE_TRIPLES, shapes_tokenizer
+
+    device = next(model.parameters()).device
+    latents, labels = _validation_latents()
+    first = [next(i for i, row in enumerate(labels.tolist()) if tuple(row) == tuple(tr)) for tr in SHAPE_TRIPLES]
+    z0, labels = latents[first].to(device), labels[first]  # (48, 4, 8, 8), (48, 3)
+    ids, mask = shapes_tokenizer().encode([shapes_caption([row]) for row in labels.tolist()])
+    noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
+    maps = model.cross_attention_maps((1 - t) * z0 + t * noise, torch.full((len(z0),), t, device=device),
+                                      ids.to(device), mask.to(device))
+    layers, names = [], _transformer_names(model)
+    for layer_name, weights in zip(names, maps):
+        side = int(weights.shape[2] ** 0.5)
+        token_maps = weights.float().mean(dim=1).reshape(len(z0), side, side, -1).cpu()  # (48, side, side, L)
+        inside = torch.zeros(len(z0), side, side)
+        for b, position in enumerate(labels[:, 2].tolist()):
+            r, c = divmod(position, 2)
+            inside[b, r * side // 2:(r + 1) * side // 2, c * side // 2:(c + 1) * side // 2] = 1
+        share = (token_maps * inside[..., None]).sum(dim=(1, 2)) / token_maps.sum(dim=(1, 2))  # (48, L)
+        layers.append({"layer": f"{layer_name} {side}x{side}", "side": side,
+                       "share": {w: share[:, j].mean().item() for j, w in enumerate(CAPTION_WORDS)},
+                       "maps": token_maps})
+    best = max(range(len(layers)), key=lambda i: layers[i]["share"]["colour"] + layers[i]["share"]["shape"])
+    probes = [SHAPE_TRIPLES.index((0, 0, 0)), SHAPE_TRIPLES.index((1, 2, 3))]
+    shown = {"layer": layers[best]["layer"], "triples": [list(SHAPE_TRIPLES[b]) for b in probes],
+             "maps": [[[[round(v, 5) for v in row] for row in layers[best]["maps"][b, :, :, j].tolist()]
+                       for j in range(len(CAPTION_WORDS))] for b in probes]}  # (2 probes, L, side, side)
+    for layer in layers:
+        del layer["maps"]
+    return {"t": t, "images": len(z0), "chance": 0.25, "words": list(CAPTION_WORDS), "layers": layers,
+            "probe_maps": shown}
+
+
+def _transformer_names(model: nn.Module) -> list[str]:
+    """'down', 'middle' or 'up' for each SpatialTransformer of a (Text)UNet, in the order they run."""
+    from .unet import SpatialTransformer
+
+    names = []
+    for name, module in model.named_modules():
+        if isinstance(module, SpatialTransformer):
+            part = "down" if ".down" in f".{name}" else "middle" if ".mid" in f".{name}" else "up"
+            names.append(part)
+    return names
 
 
 @torch.no_grad()
@@ -399,15 +468,10 @@ def shapes_validation_loss(model: nn.Module, n: int = 1000, seed: int = 0) -> fl
     saw (seed 1), encoded by shapes_vae, with t and ε drawn from one seeded generator: the same draws for
     every model, so the numbers compare."""
     from . import flow
-    from .pretrained import _encoded, shapes_tokenizer
+    from .pretrained import shapes_tokenizer
 
     device = next(model.parameters()).device
-
-    def images() -> tuple[torch.Tensor, torch.Tensor]:
-        x, _, labels = Shapes(size=n, img_size=32, seed=1).tensors()
-        return x * 2 - 1, labels[:, 0]
-
-    latents, labels = _encoded("shapes_vae", f"shapes-validation-{n}", images, device)
+    latents, labels = _validation_latents(n)
     ids, mask = shapes_tokenizer().encode([shapes_caption([row]) for row in labels.tolist()])
     generator = torch.Generator().manual_seed(seed)
     total = 0.0

@@ -236,6 +236,11 @@ CANDIDATES: dict[str, Recipe] = {r.name: r for r in [
     _variant("fmnist_vit", "fmnist_vit_w128", "ViT width 128, 6 blocks", 2000, config={"embed_dim": 128, "depth": 6}),
     _variant("fmnist_vit", "fmnist_vit_conv", "ViT with a convolutional stem (Xiao et al. 2021) on the same 7x7 grid",
              7000, config={"stem": "conv"}),
+    _variant("shapes_unet_latent", "shapes_unet_latent_nopool", "the latent text U-Net without the pooled caption: "
+             "every word reaches the image through cross-attention alone", 2000, unet={"pooled_dim": None}),
+    _variant("shapes_unet_latent", "shapes_unet_latent_words", "the latent text U-Net without the pooled caption "
+             "and with a text encoder of depth 0: every token is its word (and place) only, so a map per token "
+             "is a map per word", 2000, unet={"pooled_dim": None}, config={"encoder": {**_SHAPES_MMDIT["encoder"], "depth": 0}}),
 ]}
 
 

@@ -117,14 +117,17 @@ class TextEncoder(nn.Module):
 
     forward(ids, mask) -> (tokens (B, L, dim), mask (B, L), pooled (B, dim)); pooled is the mean of
     the real tokens. Padded positions are never attended to, so they cannot change the real tokens.
+    With depth=0 there are no blocks: each token is its word and place only, nothing of its neighbours.
     """
 
     def __init__(self, vocab_size: int, max_length: int, dim: int = 128, depth: int = 2, num_heads: int = 4,
                  mlp_ratio: float = 4.0):
         super().__init__()
         for name, value in (("vocab_size", vocab_size), ("max_length", max_length), ("dim", dim),
-                            ("depth", depth), ("num_heads", num_heads)):
+                            ("num_heads", num_heads)):
             _check_positive_int(name, value)
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 0:  # 0: each token is only its word
+            raise ValueError(f"depth must be a non-negative int, got {depth!r}")
         self.vocab_size, self.max_length, self.dim = vocab_size, max_length, dim
         self.config = dict(vocab_size=vocab_size, max_length=max_length, dim=dim, depth=depth,
                            num_heads=num_heads, mlp_ratio=mlp_ratio)
