@@ -179,7 +179,9 @@ def test_cross_attention_shares_reads_the_object_quadrant():
         for word in CAPTION_WORDS:
             if word != "colour":
                 assert layer["share"][word] == pytest.approx(0.25)
-    probe = torch.tensor(result["probe_maps"]["maps"])  # (2, L, side, side); the first probe is top left
+    shown = result["probe_maps"]
+    assert len(shown["layers"]) == 2 and set(shown["maps"]) == set(shown["layers"])
+    probe = torch.tensor(shown["maps"][shown["layers"][0]])  # (2, L, side, side); the first probe is top left
     assert probe[0, 1, :probe.shape[-1] // 2, :probe.shape[-1] // 2].sum().item() == pytest.approx(1.0, abs=1e-3)
 
 

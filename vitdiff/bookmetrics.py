@@ -415,8 +415,8 @@ def cross_attention_shares(model: nn.Module, t: float = 0.5, seed: int = 0) -> d
     """Where a latent text U-Net's words land: for one unseen image per caption (48), noised to flow time t, the
     share of each token's cross-attention weight that falls inside the object's quadrant, averaged over heads
     and images, for every SpatialTransformer in the order they run (chance: 25%). Also the maps themselves
-    (head mean) of a red circle top left and a blue square bottom right at the layer where the colour and
-    shape words land most inside, for the notebook to draw."""
+    (head mean) of a red circle top left and a blue square bottom right at the layer where the colour word lands
+    most inside and at the one where the shape word does, for the notebook to draw."""
     from .pretrained import SHAPE_TRIPLES, shapes_tokenizer
 
     device = next(model.parameters()).device
@@ -428,6 +428,10 @@ def cross_attention_shares(model: nn.Module, t: float = 0.5, seed: int = 0) -> d
     maps = model.cross_attention_maps((1 - t) * z0 + t * noise, torch.full((len(z0),), t, device=device),
                                       ids.to(device), mask.to(device))
     layers, names = [], _transformer_names(model)
+    sides = [int(weights.shape[2] ** 0.5) for weights in maps]
+    plain = [f"{part} {side}x{side}" for part, side in zip(names, sides)]  # e.g. "up 4x4", twice
+    names = [name + (f" #{plain[:i + 1].count(name)}" if plain.count(name) > 1 else "")
+             for i, name in enumerate(plain)]  # unique: "up 4x4 #1", "up 4x4 #2"
     for layer_name, weights in zip(names, maps):
         side = int(weights.shape[2] ** 0.5)
         token_maps = weights.float().mean(dim=1).reshape(len(z0), side, side, -1).cpu()  # (48, side, side, L)
@@ -436,14 +440,18 @@ def cross_attention_shares(model: nn.Module, t: float = 0.5, seed: int = 0) -> d
             r, c = divmod(position, 2)
             inside[b, r * side // 2:(r + 1) * side // 2, c * side // 2:(c + 1) * side // 2] = 1
         share = (token_maps * inside[..., None]).sum(dim=(1, 2)) / token_maps.sum(dim=(1, 2))  # (48, L)
-        layers.append({"layer": f"{layer_name} {side}x{side}", "side": side,
+        layers.append({"layer": layer_name, "side": side,
                        "share": {w: share[:, j].mean().item() for j, w in enumerate(CAPTION_WORDS)},
+                       "share_se": {w: share[:, j].std().item() / len(z0) ** 0.5 for j, w in enumerate(CAPTION_WORDS)},
                        "maps": token_maps})
-    best = max(range(len(layers)), key=lambda i: layers[i]["share"]["colour"] + layers[i]["share"]["shape"])
+    # for the figure: every token's map of two probe images, at the layer where the colour word lands most inside
+    # and at the one where the shape word does
+    chosen = [max(layers, key=lambda layer: layer["share"][word]) for word in ("colour", "shape")]
     probes = [SHAPE_TRIPLES.index((0, 0, 0)), SHAPE_TRIPLES.index((1, 2, 3))]
-    shown = {"layer": layers[best]["layer"], "triples": [list(SHAPE_TRIPLES[b]) for b in probes],
-             "maps": [[[[round(v, 5) for v in row] for row in layers[best]["maps"][b, :, :, j].tolist()]
-                       for j in range(len(CAPTION_WORDS))] for b in probes]}  # (2 probes, L, side, side)
+    shown = {"layers": [layer["layer"] for layer in chosen], "triples": [list(SHAPE_TRIPLES[b]) for b in probes],
+             "maps": {layer["layer"]: [[[[round(v, 5) for v in row] for row in layer["maps"][b, :, :, j].tolist()]
+                                        for j in range(len(CAPTION_WORDS))] for b in probes]  # (2, L, side, side)
+                      for layer in chosen}}
     for layer in layers:
         del layer["maps"]
     return {"t": t, "images": len(z0), "chance": 0.25, "words": list(CAPTION_WORDS), "layers": layers,

@@ -178,6 +178,16 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
                         "encoder": _SHAPES_MMDIT["encoder"]},
            "shapes_latents", "flow", {**_MMDIT_TRAIN, "steps": 2000},
            {"vae": "shapes_vae", "timestep_sampler": "logit-normal", "caption_variant_probs": _CAPTION_PROBS}),
+    # chapter 05's question "which pixels read which word?", asked of a latent text U-Net that follows its prompts:
+    # without the pooled caption and with word-only tokens (encoder depth 0), a token's map is its word's map
+    Recipe("shapes_unet_latent_words", "05", "shapes_unet_latent without the pooled caption and with a text "
+           "encoder of depth 0 (each token is its word and place only), so a map per token is a map per word",
+           "TextUNet", {"unet": {"in_channels": 4, "base_channels": 32, "channel_mult": [1, 2, 2],
+                                 "num_res_blocks": 1, "attention_resolutions": [0, 1, 2], "num_heads": 4,
+                                 "context_dim": 64, "groups": 8, "pooled_dim": None, "coord_channels": True},
+                        "encoder": {**_SHAPES_MMDIT["encoder"], "depth": 0}},
+           "shapes_latents", "flow", {**_MMDIT_TRAIN, "steps": 2000},
+           {"vae": "shapes_vae", "timestep_sampler": "logit-normal", "caption_variant_probs": _CAPTION_PROBS}),
     Recipe("shapes_mmdit_holdout", "10", "the shapes_mmdit recipe with the HELD_OUT colour x shape x position "
            "combinations removed from its training images, to measure compositional generalisation",
            "TextMMDiT", _SHAPES_MMDIT, "shapes_latents_holdout", "flow", _MMDIT_TRAIN,
@@ -211,7 +221,8 @@ PLANNED: frozenset[str] = frozenset()
 # Recipes shipped as their sidecar alone (recipe, training record, sha256 and metrics): the notebooks read only
 # their measurements, and their weights would take the package past its 32 MB budget. `load` says how to
 # recreate the weights (`python -m vitdiff.pretrained train NAME`).
-METRICS_ONLY: frozenset[str] = frozenset({"fmnist_dit_eps", "shapes_crossdit", "shapes_unet_latent"})
+METRICS_ONLY: frozenset[str] = frozenset({"fmnist_dit_eps", "shapes_crossdit", "shapes_unet_latent",
+                                          "shapes_unet_latent_words"})
 
 
 def _variant(base: str, name: str, summary: str, steps: int, config: dict[str, Any] | None = None,
@@ -238,9 +249,6 @@ CANDIDATES: dict[str, Recipe] = {r.name: r for r in [
              7000, config={"stem": "conv"}),
     _variant("shapes_unet_latent", "shapes_unet_latent_nopool", "the latent text U-Net without the pooled caption: "
              "every word reaches the image through cross-attention alone", 2000, unet={"pooled_dim": None}),
-    _variant("shapes_unet_latent", "shapes_unet_latent_words", "the latent text U-Net without the pooled caption "
-             "and with a text encoder of depth 0: every token is its word (and place) only, so a map per token "
-             "is a map per word", 2000, unet={"pooled_dim": None}, config={"encoder": {**_SHAPES_MMDIT["encoder"], "depth": 0}}),
 ]}
 
 
