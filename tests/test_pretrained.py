@@ -114,6 +114,28 @@ def test_candidates_vary_only_the_model_or_the_steps_of_their_recipe():
         pretrained.build_model(candidate)  # the config builds
 
 
+def test_the_book_vit_learns_from_its_teacher():
+    from vitdiff.data import dataset_tensors
+    from vitdiff.vit import distillation_loss
+
+    r = pretrained.recipe("fmnist_vit")
+    teacher = pretrained.load(r.options["teacher"])
+    assert pretrained.recipe(r.options["teacher"]).data == r.data  # the same images, labels and scale [0, 1]
+    x, y = (t[:32] for t in dataset_tensors("fashion_mnist", train=False))
+    with torch.no_grad():
+        teacher_logits = teacher(x)
+    torch.manual_seed(0)
+    student = pretrained.build_model(r)
+    loss = pretrained.recipe_loss(r, torch.device("cpu"))(student, (x, y, teacher_logits))
+    expected = distillation_loss(student(x), teacher_logits, y, r.options["distill_temperature"],
+                                 r.options["distill_weight"])
+    torch.testing.assert_close(loss, expected)
+    assert (teacher_logits.argmax(1) == y).float().mean() > 0.8  # a teacher worth learning from
+    bad = pretrained.Recipe(**{**r.__dict__, "options": {**r.options, "max_shift": 2}})
+    with pytest.raises(ValueError, match="unaugmented"):
+        pretrained.recipe_loss(bad, torch.device("cpu"))
+
+
 def test_held_out_combinations_leave_every_attribute_value_in_training():
     from vitdiff.data import COLOR_NAMES, POSITION_NAMES, SHAPE_NAMES
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from vitdiff.layers import get_2d_sincos_pos_embed
-from vitdiff.vit import ViT, attention_rollout
+from vitdiff.vit import ViT, attention_rollout, distillation_loss
 
 TINY = dict(img_size=16, patch_size=4, in_chans=3, num_classes=5, embed_dim=32, depth=2, num_heads=4,
             mlp_ratio=2.0)
@@ -184,3 +184,29 @@ def test_conv_stem_gives_the_same_token_grid_and_overlapping_receptive_fields():
         tiny_vit(stem="conv", patch_size=3, img_size=15)
     with pytest.raises(ValueError, match="ConvStem expects"):
         conv(torch.rand(2, 3, 12, 12))
+
+
+# ----------------------------------------------------------------------------- distillation (DeiT)
+
+
+def test_distillation_loss_closed_form():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(6, 5), torch.randn(6, 5), torch.randint(0, 5, (6,))
+    T, w = 3.0, 0.4
+    p_teacher, log_p_student = (t / T).softmax(1), (s / T).log_softmax(1)
+    kl = (p_teacher * (p_teacher.log() - log_p_student)).sum(1).mean()
+    expected = (1 - w) * F.cross_entropy(s, y) + w * T**2 * kl
+    torch.testing.assert_close(distillation_loss(s, t, y, T, w), expected)
+    torch.testing.assert_close(distillation_loss(s, t, y, T, 0.0), F.cross_entropy(s, y))
+    # a student that already agrees with the teacher pays only the label term
+    torch.testing.assert_close(distillation_loss(t, t, y, T, w), (1 - w) * F.cross_entropy(t, y))
+
+
+def test_distillation_loss_teacher_gets_no_gradient_and_bad_input():
+    s, t = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
+    distillation_loss(s, t, torch.tensor([0, 1, 2, 0])).backward()
+    assert s.grad is not None and t.grad is None
+    with pytest.raises(ValueError, match="must both be"):
+        distillation_loss(torch.randn(4, 3), torch.randn(4, 4), torch.zeros(4, dtype=torch.long))
+    with pytest.raises(ValueError, match="temperature > 0"):
+        distillation_loss(torch.randn(4, 3), torch.randn(4, 3), torch.zeros(4, dtype=torch.long), temperature=0)

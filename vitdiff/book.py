@@ -12,7 +12,7 @@ A failing step is reported and the run goes on; the exit code is 1 if any step f
 plain log (no progress bars), fit to be redirected to a file.
 
 With --jobs N > 1 the recipes, then the notebooks, run N at a time, each in its own process (a recipe built
-on a VAE waits for it); the book's models are small, so one GPU serves several at once. Each step's output
+on a VAE or a teacher waits for it); the book's models are small, so one GPU serves several at once. Each step's output
 goes to <data root>/book-logs/<step>.log, and a failing step's last lines are printed.
 """
 
@@ -196,7 +196,8 @@ def _run_parallel(steps: list[Step], jobs: int, recipes: list[str], notebooks: l
         for item in items:
             if phase == "recipes":
                 name = str(item)
-                needs = [n for n in (recipe(name).options.get("vae"),) if n in events]
+                options = recipe(name).options  # a latent model needs its VAE, a distilled ViT its teacher
+                needs = [n for n in (options.get("vae"), options.get("teacher")) if n in events]
                 commands = [python + ["vitdiff.pretrained", command, name, "--device", str(device)]
                             for command in ("train", "evaluate")]
                 args = (f"train+evaluate {name}", commands, child_env, logs / f"{name}.log",

@@ -232,7 +232,7 @@ def measure(name: str, model: nn.Module, device: torch.device, progress: bool = 
         return _unconditional_fmnist(model, device, progress, latent=name == "fmnist_latent", **options)
     if name in ("shapes_vae", "fmnist_vae"):
         return _vae(model, device, progress, shapes=name == "shapes_vae", **options)
-    if name == "fmnist_vit":
+    if name in ("fmnist_vit", "fmnist_cnn_teacher"):
         return _vit(model, device, progress)
     if name in ("fmnist_dit", "fmnist_dit_eps", "fmnist_unet_flow") or name.startswith(("ablation_", "scaling_")):
         if name in ("fmnist_dit", "fmnist_dit_eps"):
