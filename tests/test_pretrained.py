@@ -223,3 +223,13 @@ def test_shapes_validation_loss_is_the_same_draw_for_every_model():
     zero = shapes_validation_loss(Zero(), n=50)
     assert first == second, "fixed noise and timesteps: the same number every time"
     assert 1.5 < zero < 2.5 and first < 0.3 * zero, (first, zero)
+
+
+def test_list_names_every_recipe_and_says_which_ship_as_sidecars(capsys):
+    assert pretrained._main(["list"]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert [line.split()[0] for line in lines] == list(pretrained.RECIPES)
+    for line in lines:
+        name = line.split()[0]
+        assert ("sidecar only" in line) == (name in pretrained.METRICS_ONLY), line
+        assert "missing" not in line, line

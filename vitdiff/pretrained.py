@@ -700,10 +700,12 @@ def _main(argv: list[str] | None = None) -> int:
             p.add_argument("--options", default="{}", help='JSON overrides, e.g. \'{"samples": 1000}\'')
     args = parser.parse_args(argv)
     if args.command == "list":
+        width = max(len(name) for name in RECIPES)
         for r in RECIPES.values():
             weights, _ = paths(r.name)
-            state = f"{weights.stat().st_size / 1e6:.2f} MB" if weights.exists() else "missing"
-            print(f"{r.name:16s} ch{r.chapter} {r.model:9s} {r.train['steps']:6d} steps  {state:>10s}  {r.summary}")
+            state = (f"{weights.stat().st_size / 1e6:.2f} MB" if weights.exists() else
+                     "sidecar only" if r.name in METRICS_ONLY else "missing")
+            print(f"{r.name:{width}s} ch{r.chapter} {r.model:9s} {r.train['steps']:6d} steps  {state:>12s}  {r.summary}")
         return 0
     names = list(RECIPES) if args.all else args.names
     if not names:
