@@ -257,6 +257,7 @@ CANDIDATES: dict[str, Recipe] = {r.name: r for r in [
              unet={"pooled_dim": None}),
     _variant("fmnist_vit", "fmnist_vit_w96", "ViT width 96, 6 blocks", 3200, config={"embed_dim": 96, "depth": 6}),
     _variant("fmnist_vit", "fmnist_vit_w128", "ViT width 128, 6 blocks", 2000, config={"embed_dim": 128, "depth": 6}),
+    # the budget's last 200 steps (19.5 CPU-min with the teacher): 89.88% against the recipe's 89.81%, within noise
     _variant("fmnist_vit", "fmnist_vit_6500", RECIPES["fmnist_vit"].summary, 6500),
     _variant("fmnist_vit", "fmnist_vit_conv", "ViT with a convolutional stem (Xiao et al. 2021) on the same 7x7 grid",
              7000, config={"stem": "conv"}),
