@@ -136,6 +136,21 @@ def test_the_book_vit_learns_from_its_teacher():
         pretrained.recipe_loss(bad, torch.device("cpu"))
 
 
+def test_a_distilled_recipe_gets_its_teachers_logits_for_every_image(monkeypatch):
+    from vitdiff.data import dataset_tensors
+
+    images, labels = (t[:2500] for t in dataset_tensors("fashion_mnist", train=False))  # not a multiple of 1,000
+    monkeypatch.setattr(pretrained, "dataset_tensors", lambda name: (images, labels))
+    r = pretrained.recipe("fmnist_vit")
+    x, y, logits = pretrained.recipe_data(r, torch.device("cpu"))
+    assert torch.equal(x, images) and torch.equal(y, labels) and logits.shape == (2500, 10)
+    with torch.no_grad():
+        torch.testing.assert_close(logits, pretrained.load(r.options["teacher"])(images))
+    incomplete = pretrained.Recipe(**{**r.__dict__, "options": {"teacher": r.options["teacher"]}})
+    with pytest.raises(ValueError, match="distill_temperature"):
+        pretrained.recipe_loss(incomplete, torch.device("cpu"))
+
+
 def test_held_out_combinations_leave_every_attribute_value_in_training():
     from vitdiff.data import COLOR_NAMES, POSITION_NAMES, SHAPE_NAMES
 

@@ -232,7 +232,7 @@ def measure(name: str, model: nn.Module, device: torch.device, progress: bool = 
         return _unconditional_fmnist(model, device, progress, latent=name == "fmnist_latent", **options)
     if name in ("shapes_vae", "fmnist_vae"):
         return _vae(model, device, progress, shapes=name == "shapes_vae", **options)
-    if name in ("fmnist_vit", "fmnist_cnn_teacher"):
+    if name in ("fmnist_vit", "fmnist_vit_plain", "fmnist_cnn_teacher"):
         return _vit(model, device, progress)
     if name in ("fmnist_dit", "fmnist_dit_eps", "fmnist_unet_flow") or name.startswith(("ablation_", "scaling_")):
         if name in ("fmnist_dit", "fmnist_dit_eps"):
@@ -413,21 +413,27 @@ CAPTION_WORDS = ("a", "colour", "shape", "at", "the", "row", "column", "<eos>") 
 @torch.no_grad()
 def cross_attention_shares(model: nn.Module, t: float = 0.5, seed: int = 0) -> dict[str, Any]:
     """Where a latent text U-Net's words land: for one unseen image per caption (48), noised to flow time t, the
-    share of each token's cross-attention weight that falls inside the object's quadrant, averaged over heads
-    and images, for every SpatialTransformer in the order they run (chance: 25%). Also the maps themselves
+    share of each token's cross-attention weight (the mean over heads) that falls inside the object's quadrant,
+    averaged over the images, for every SpatialTransformer in the order they run (chance: 25%). Also the maps themselves
     (head mean) of a red circle top left and a blue square bottom right at the layer where the colour word lands
     most inside and at the one where the shape word does, for the notebook to draw."""
     from .pretrained import SHAPE_TRIPLES, shapes_tokenizer
 
     device = next(model.parameters()).device
     latents, labels = _validation_latents()
-    first = [next(i for i, row in enumerate(labels.tolist()) if tuple(row) == tuple(tr)) for tr in SHAPE_TRIPLES]
+    rows = [tuple(row) for row in labels.tolist()]
+    missing = [tr for tr in SHAPE_TRIPLES if tuple(tr) not in rows]
+    if missing:
+        raise ValueError(f"the validation images hold no example of the captions {missing}")
+    first = [rows.index(tuple(tr)) for tr in SHAPE_TRIPLES]
     z0, labels = latents[first].to(device), labels[first]  # (48, 4, 8, 8), (48, 3)
     ids, mask = shapes_tokenizer().encode([shapes_caption([row]) for row in labels.tolist()])
     noise = torch.randn(z0.shape, generator=torch.Generator().manual_seed(seed)).to(device)
     maps = model.cross_attention_maps((1 - t) * z0 + t * noise, torch.full((len(z0),), t, device=device),
                                       ids.to(device), mask.to(device))
     layers, names = [], _transformer_names(model)
+    if len(names) != len(maps):
+        raise ValueError(f"{len(maps)} attention maps for {len(names)} SpatialTransformers")
     sides = [int(weights.shape[2] ** 0.5) for weights in maps]
     plain = [f"{part} {side}x{side}" for part, side in zip(names, sides)]  # e.g. "up 4x4", twice
     names = [name + (f" #{plain[:i + 1].count(name)}" if plain.count(name) > 1 else "")

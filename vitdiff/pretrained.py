@@ -134,7 +134,7 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            {"schedule": "cosine"}),
     # chapter 03's ViT learns from the labels and from a small CNN (DeiT's soft distillation). Without augmentation:
     # at 17 epochs the ViT underfits (train accuracy 87.9% with shifts and flips), and shifts + flips cost it
-    # 2.2 points (86.6% -> 88.8% undistilled). The teacher's 4.4 CPU-minutes come out of the ViT's 20.
+    # 2.2 points (86.6% -> 88.8% undistilled). The teacher's 3.7 CPU-minutes come out of the ViT's 20.
     Recipe("fmnist_cnn_teacher", "03", "small CNN (three conv blocks of 32, 64, 128 channels; the evaluators' "
            "architecture, wider) classifying Fashion-MNIST: the ViT's teacher",
            "Evaluator", {"in_chans": 1, "img_size": 28, "num_classes": [10], "widths": [32, 64, 128],
@@ -151,6 +151,14 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
             "min_lr_ratio": 0.01, "ema_decay": 0.998, "grad_clip": 1.0, "seed": 0},
            {"max_shift": 0, "flip": False, "teacher": "fmnist_cnn_teacher", "distill_temperature": 2.0,
             "distill_weight": 0.5}),
+    Recipe("fmnist_vit_plain", "03", "the book ViT without a teacher, trained for the whole 20 CPU-minutes "
+           "(8,000 steps): what distillation is measured against",
+           "ViT", {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 64, "depth": 4,
+                   "num_heads": 4, "mlp_ratio": 2.0},
+           "fashion_mnist_labels01", "classify",
+           {"steps": 8000, "batch_size": 128, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.05,
+            "min_lr_ratio": 0.01, "ema_decay": 0.998, "grad_clip": 1.0, "seed": 0},
+           {"max_shift": 0, "flip": False}),
     # chapters 07 and 08: class-conditional Fashion-MNIST in the fmnist_vae latent space (4x8x8)
     Recipe("fmnist_dit", "07", "class-conditional DiT (width 128, 6 blocks, patch 2) on fmnist_vae latents, "
            "rectified flow with logit-normal timesteps (SD3)",
@@ -233,7 +241,7 @@ PLANNED: frozenset[str] = frozenset()
 # their measurements, and their weights would take the package past its 32 MB budget. `load` says how to
 # recreate the weights (`python -m vitdiff.pretrained train NAME`).
 METRICS_ONLY: frozenset[str] = frozenset({"fmnist_dit_eps", "shapes_crossdit", "shapes_unet_latent",
-                                          "shapes_unet_latent_words"})
+                                          "shapes_unet_latent_words", "fmnist_vit_plain"})
 
 
 def _variant(base: str, name: str, summary: str, steps: int, config: dict[str, Any] | None = None,
@@ -356,8 +364,11 @@ def shapes_latent_dataset(vae_name: str = "shapes_vae", device: str | torch.devi
     return _encoded(vae_name, f"shapes-{vae_name}", images, device)
 
 
-def recipe_data(r: Recipe, device: torch.device | None = None) -> tuple[torch.Tensor, ...]:
-    """The training tensors of a recipe (images in [-1, 1] for generative models, [0, 1] for classifiers)."""
+def recipe_data(r: Recipe, device: torch.device | None = None, directory: str | os.PathLike | None = None
+                ) -> tuple[torch.Tensor, ...]:
+    """The training tensors of a recipe (images in [-1, 1] for generative models, [0, 1] for classifiers).
+    A distilled recipe adds its teacher's logits, from the teacher checkpoint in `directory` if there is one
+    (a full-budget notebook trains both there), else the shipped one."""
     device = get_device(device)
     if r.data == "mnist":
         return (dataset_tensors("mnist")[0] * 2 - 1,)
@@ -370,7 +381,9 @@ def recipe_data(r: Recipe, device: torch.device | None = None) -> tuple[torch.Te
         images, labels = dataset_tensors("fashion_mnist")
         if "teacher" not in r.options:
             return images, labels
-        teacher = load(r.options["teacher"], device=device)  # its logits on every training image, computed once
+        teacher_dir = directory if directory is not None and paths(r.options["teacher"], directory)[0].exists() \
+            else None
+        teacher = load(r.options["teacher"], device=device, directory=teacher_dir)  # logits computed once
         with torch.no_grad():
             logits = torch.cat([teacher(images[i:i + 1000].to(device)).float().cpu()
                                 for i in range(0, len(images), 1000)])
@@ -460,6 +473,8 @@ def recipe_loss(r: Recipe, device: torch.device) -> Callable[[nn.Module, tuple[t
 
         if "teacher" in o and (shift or flip):
             raise ValueError(f"recipe {r.name!r}: the teacher's logits are computed once, on unaugmented images")
+        if "teacher" in o and not {"distill_temperature", "distill_weight"} <= set(o):
+            raise ValueError(f"recipe {r.name!r} names a teacher but not distill_temperature and distill_weight")
 
         def classify_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
             x, y, *teacher_logits = batch
@@ -573,7 +588,7 @@ def train_recipe(name: str, *, steps: int | None = None, directory: str | os.Pat
     config = TrainConfig(**train_args, checkpoint_dir=str(run_dir), checkpoint_every=100,
                          channels_last=r.model in ("UNet", "TextUNet", "VAE"))
     cpu_tic = time.process_time()
-    data = recipe_data(r, device)
+    data = recipe_data(r, device, directory)
     torch.manual_seed(r.train.get("seed", 0))
     model = build_model(r)
     tic = time.perf_counter()
@@ -708,7 +723,8 @@ def _main(argv: list[str] | None = None) -> int:
             weights, _ = paths(r.name)
             state = (f"{weights.stat().st_size / 1e6:.2f} MB" if weights.exists() else
                      "sidecar only" if r.name in METRICS_ONLY else "missing")
-            print(f"{r.name:{width}s} ch{r.chapter} {r.model:9s} {r.train['steps']:6d} steps  {state:>12s}  {r.summary}")
+            print(f"{r.name:{width}s} ch{r.chapter} {r.model:9s} {r.train['steps']:6d} steps  {state:>12s}  "
+                  f"{r.summary}")
         return 0
     names = list(RECIPES) if args.all else args.names
     if not names:
