@@ -87,6 +87,11 @@ _LATENT_DIT = {"input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size"
                "mlp_ratio": 4.0, "class_dropout_prob": 0.1, "num_classes": 10, "learn_sigma": False}
 _DIT_TRAIN = {"steps": 3000, "batch_size": 128, "lr": 1e-3, "warmup_steps": 50, "ema_decay": 0.995, **_ADAM}
 
+_FMNIST_VIT = {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 64, "depth": 4,
+               "num_heads": 4, "mlp_ratio": 2.0}  # chapter 03's book ViT, with and without its teacher
+_FMNIST_VIT_TRAIN = {"batch_size": 128, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.05, "min_lr_ratio": 0.01,
+                     "ema_decay": 0.998, "grad_clip": 1.0, "seed": 0}
+
 _CAPTION_PROBS = [0.55, 0.1, 0.1, 0.1, 0.15]  # full caption, no colour, no position, shape only, empty (null)
 _SHAPES_MMDIT = {"mmdit": {"input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 128, "depth": 4,
                            "num_heads": 4, "mlp_ratio": 2.0, "context_dim": 64, "pooled_dim": 64},
@@ -144,20 +149,16 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
             "ema_decay": 0.998, "grad_clip": 1.0, "seed": 0}),
     Recipe("fmnist_vit", "03", "ViT (patch 4, width 64, 4 blocks) classifying Fashion-MNIST, distilled from "
            "fmnist_cnn_teacher (DeiT's soft distillation, T = 2, weight 0.5)",
-           "ViT", {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 64, "depth": 4,
-                   "num_heads": 4, "mlp_ratio": 2.0},
+           "ViT", _FMNIST_VIT,
            "fashion_mnist_labels01", "classify",
-           {"steps": 6300, "batch_size": 128, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.05,
-            "min_lr_ratio": 0.01, "ema_decay": 0.998, "grad_clip": 1.0, "seed": 0},
+           {**_FMNIST_VIT_TRAIN, "steps": 6300},
            {"max_shift": 0, "flip": False, "teacher": "fmnist_cnn_teacher", "distill_temperature": 2.0,
             "distill_weight": 0.5}),
     Recipe("fmnist_vit_plain", "03", "the book ViT without a teacher, trained for the whole 20 CPU-minutes "
            "(8,000 steps): what distillation is measured against",
-           "ViT", {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10, "embed_dim": 64, "depth": 4,
-                   "num_heads": 4, "mlp_ratio": 2.0},
+           "ViT", _FMNIST_VIT,
            "fashion_mnist_labels01", "classify",
-           {"steps": 8000, "batch_size": 128, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.05,
-            "min_lr_ratio": 0.01, "ema_decay": 0.998, "grad_clip": 1.0, "seed": 0},
+           {**_FMNIST_VIT_TRAIN, "steps": 8000},
            {"max_shift": 0, "flip": False}),
     # chapters 07 and 08: class-conditional Fashion-MNIST in the fmnist_vae latent space (4x8x8)
     Recipe("fmnist_dit", "07", "class-conditional DiT (width 128, 6 blocks, patch 2) on fmnist_vae latents, "
