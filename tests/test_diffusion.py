@@ -420,3 +420,43 @@ def test_bad_input_raises_clear_errors():
         guided(x, torch.tensor([1, 1]), label=torch.tensor([0, 1]))
     with pytest.raises(TypeError, match="scale"):
         classifier_free_guidance(LabelModel(), "7", {"y": torch.tensor([2])})
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+def test_ddim_with_eps_from_clipped_x0_is_the_clipped_ddpm_step(schedule_name):
+    # DDIM with eta = 1 one step back is DDPM only if x̂0 and ε̂ still add up to x_t: the posterior mean
+    # uses the clipped x̂0 with x_t itself, which is the pair (clipped x̂0, ε̂ re-derived from it)
+    s = NoiseSchedule(1000, schedule_name)
+    g = torch.Generator().manual_seed(0)
+    x_t, eps_hat, z = (torch.randn(4, 1, 6, 6, generator=g) for _ in range(3))
+    for t in (999, 700, 300):
+        assert (s.predict_x0(x_t, t, eps_hat).abs() > 1).any()  # the clip is active
+        ddpm = ddpm_step(s, eps_hat, t, x_t, z, clip_x0=True)
+        consistent = ddim_step(s, eps_hat, t, t - 1, x_t, eta=1.0, noise=z, eps_from_clipped_x0=True)
+        torch.testing.assert_close(consistent, ddpm, atol=1e-5, rtol=1e-5)
+        kept = ddim_step(s, eps_hat, t, t - 1, x_t, eta=1.0, noise=z)  # diffusers' default keeps the model's ε̂
+        assert (kept - ddpm).abs().max() > 1e-2
+    # without clipping there is nothing to re-derive
+    torch.testing.assert_close(ddim_step(s, eps_hat, 500, 300, x_t, clip_x0=False, eps_from_clipped_x0=True),
+                               ddim_step(s, eps_hat, 500, 300, x_t, clip_x0=False))
+
+
+def test_generate_passes_eps_from_clipped_x0_to_ddim():
+    from vitdiff.bookmetrics import generate
+
+    class Scale(torch.nn.Module):  # ε̂ = 3 x: x̂0 far outside [-1, 1]
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.tensor(3.0))
+
+        def forward(self, x, t):
+            return self.weight * x
+
+    s, model = NoiseSchedule(100, "linear"), Scale()
+    out = {flag: generate(model, s, (1, 4, 4), 3, steps=5, eps_from_clipped_x0=flag, progress=False)
+           for flag in (False, True)}
+    with torch.no_grad():
+        expected = ddim_sample(model, s, (3, 1, 4, 4), steps=5, spacing="trailing", eps_from_clipped_x0=True,
+                               generator=torch.Generator().manual_seed(0), progress=False)
+    torch.testing.assert_close(out[True], expected)
+    assert (out[True] - out[False]).abs().max() > 1e-2

@@ -92,10 +92,10 @@ def test_ddpm_step_matches_diffusers(ours, theirs, variance, clip, prediction):
 
 
 @pytest.mark.parametrize("prediction", PREDICTIONS)
-@pytest.mark.parametrize("clip", [True, False])
+@pytest.mark.parametrize("clip,eps_from_clipped_x0", [(True, False), (True, True), (False, False)])
 @pytest.mark.parametrize("eta", [0.0, 1.0])
 @pytest.mark.parametrize("ours,theirs", SCHEDULES)
-def test_ddim_step_matches_diffusers(ours, theirs, eta, clip, prediction):
+def test_ddim_step_matches_diffusers(ours, theirs, eta, clip, eps_from_clipped_x0, prediction):
     s = NoiseSchedule(1000, ours)
     for spacing, steps in itertools.product(("leading", "trailing", "linspace"), (7, 50)):
         config = dict(beta_schedule=theirs, clip_sample=clip, prediction_type=PREDICTIONS[prediction],
@@ -108,9 +108,10 @@ def test_ddim_step_matches_diffusers(ours, theirs, eta, clip, prediction):
             t_prev = max(t - 1000 // steps, -1)
             x_t, out = random_inputs(t)
             noise = torch.randn(SHAPE, generator=torch.Generator().manual_seed(t))
-            expected64 = ref64.step(out.double(), t, x_t.double(), eta=eta, variance_noise=noise.double())
-            expected32 = ref32.step(out, t, x_t, eta=eta, variance_noise=noise)
-            ours_ = ddim_step(s, out, t, t_prev, x_t, eta, noise, clip, prediction)
+            kwargs = dict(eta=eta, use_clipped_model_output=eps_from_clipped_x0)
+            expected64 = ref64.step(out.double(), t, x_t.double(), variance_noise=noise.double(), **kwargs)
+            expected32 = ref32.step(out, t, x_t, variance_noise=noise, **kwargs)
+            ours_ = ddim_step(s, out, t, t_prev, x_t, eta, noise, clip, prediction, eps_from_clipped_x0)
             torch.testing.assert_close(ours_, expected64.prev_sample.float(), **TIGHT)
             torch.testing.assert_close(ours_, expected32.prev_sample, **FLOAT32_DIFFUSERS)
 

@@ -279,12 +279,15 @@ def ddpm_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, x_t: 
 
 def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, t_prev: int, x_t: torch.Tensor,
               eta: float = 0.0, noise: torch.Tensor | None = None, clip_x0: bool = True,
-              prediction: str = "epsilon") -> torch.Tensor:
+              prediction: str = "epsilon", eps_from_clipped_x0: bool = False) -> torch.Tensor:
     """One DDIM step x_t -> x_{t_prev} (Song et al. 2021 eq. 12); t_prev = -1 means ᾱ_prev = 1 (the end).
 
     x_prev = sqrt(ᾱ_prev) x̂0 + sqrt(1 - ᾱ_prev - σ²) ε̂ + σ z, σ = eta · sqrt((1-ᾱ_prev)/(1-ᾱ_t) (1 - ᾱ_t/ᾱ_prev)).
-    eta = 0 is deterministic; eta = 1 with t_prev = t - 1 is the DDPM step. ε̂ comes from the unclipped x̂0,
-    as in diffusers (use_clipped_model_output=False). Of a 2C-channel output only the prediction half is used.
+    eta = 0 is deterministic; eta = 1 with t_prev = t - 1 is the DDPM step. By default ε̂ comes from the
+    unclipped x̂0, as in diffusers (use_clipped_model_output=False), so a clipped x̂0 and that ε̂ no longer add
+    up to x_t and every clipped step leaves the trajectory. eps_from_clipped_x0=True recomputes
+    ε̂ = (x_t - sqrt(ᾱ_t) x̂0) / sqrt(1 - ᾱ_t) from the clipped x̂0 (diffusers' use_clipped_model_output=True), the
+    pair that the DDPM posterior mean uses. Of a 2C-channel output only the prediction half is used.
     """
     _check_step(schedule, t)
     _check_step(schedule, t_prev, "t_prev", low=-1)
@@ -294,10 +297,12 @@ def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, t_pre
     _check_eta(eta)
     x0 = schedule.predict_x0(x_t, t, model_output, prediction)
     eps = schedule.predict_eps(x_t, t, model_output, prediction)
-    if clip_x0:
-        x0 = x0.clamp(-1, 1)
     a_t = schedule.alphas_cumprod_float64[t]
     a_prev = schedule.alphas_cumprod_float64[t_prev] if t_prev >= 0 else 1.0
+    if clip_x0:
+        x0 = x0.clamp(-1, 1)
+        if eps_from_clipped_x0:
+            eps = (x_t - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
     sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
     x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps  # max: eta > 1
     if eta > 0:
@@ -425,8 +430,9 @@ def ddim_sample(model: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...]
                 eta: float = 0.0, spacing: str = "leading", generator: torch.Generator | None = None,
                 clip_x0: bool = True, prediction: str = "epsilon", x_T: torch.Tensor | None = None,
                 progress: bool = True, known: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
-                start_t: int | None = None, **cond) -> torch.Tensor:
+                start_t: int | None = None, eps_from_clipped_x0: bool = False, **cond) -> torch.Tensor:
     """DDIM sampling on `steps` timesteps (`timesteps_for(T, steps, spacing)`); eta = 0 is deterministic.
+    eps_from_clipped_x0: see `ddim_step` (it matters only with clip_x0).
 
     Each step goes from a timestep to the next one of the sub-sequence (the last one to ᾱ = 1). diffusers'
     DDIMScheduler instead always steps to t - T // steps; the two agree whenever T is divisible by `steps`
@@ -445,7 +451,7 @@ def ddim_sample(model: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...]
     for t, t_prev in tqdm(list(zip(ts, ts[1:] + [-1])), desc="DDIM", disable=not progress, leave=False):
         output = _denoise(model, x, t, cond)
         noise = _randn(tuple(x.shape), generator, x.device, x.dtype) if eta > 0 else None
-        x = ddim_step(schedule, output, t, t_prev, x, eta, noise, clip_x0, prediction)
+        x = ddim_step(schedule, output, t, t_prev, x, eta, noise, clip_x0, prediction, eps_from_clipped_x0)
         x = _paste_known(schedule, x, known, mask, t_prev, generator)
     return x
 
