@@ -101,16 +101,17 @@ def test_the_evaluators_can_be_trusted(name, threshold):
         assert accuracy >= threshold, f"{name} evaluator head {head}: {accuracy:.3f} < {threshold}"
 
 
-def test_candidates_vary_only_the_model_or_the_steps_of_their_recipe():
+def test_candidates_keep_the_model_data_and_objective_of_their_recipe():
     assert pretrained.CANDIDATES and not set(pretrained.CANDIDATES) & set(pretrained.RECIPES)
     for name, candidate in pretrained.CANDIDATES.items():
         base = next(r for n, r in pretrained.RECIPES.items() if name.startswith(n + "_"))
         assert pretrained.recipe(name) is candidate
-        assert (candidate.model, candidate.data, candidate.objective, candidate.options) == \
-            (base.model, base.data, base.objective, base.options)
-        assert {k: v for k, v in candidate.train.items() if k != "steps"} == \
-            {k: v for k, v in base.train.items() if k != "steps"}
-        assert candidate.config != base.config or candidate.train["steps"] != base.train["steps"]
+        assert (candidate.model, candidate.data, candidate.objective) == (base.model, base.data, base.objective)
+        # training: only the length and the batch may change; options: only added, never overwritten
+        assert set(candidate.train) == set(base.train)
+        assert {k for k in base.train if candidate.train[k] != base.train[k]} <= {"steps", "batch_size"}
+        assert {k: v for k, v in candidate.options.items() if k in base.options} == base.options
+        assert (candidate.config, candidate.train, candidate.options) != (base.config, base.train, base.options)
         pretrained.build_model(candidate)  # the config builds
 
 

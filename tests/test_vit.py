@@ -202,6 +202,18 @@ def test_distillation_loss_closed_form():
     torch.testing.assert_close(distillation_loss(t, t, y, T, w), (1 - w) * F.cross_entropy(t, y))
 
 
+def test_hard_distillation_uses_the_teachers_decision_only():
+    torch.manual_seed(0)
+    s, t, y = torch.randn(6, 5), torch.randn(6, 5), torch.randint(0, 5, (6,))
+    expected = 0.7 * F.cross_entropy(s, y) + 0.3 * F.cross_entropy(s, t.argmax(1))
+    torch.testing.assert_close(distillation_loss(s, t, y, 2.0, 0.3, hard=True), expected)
+    # only the argmax matters: a sharper or hotter teacher with the same decisions gives the same loss
+    torch.testing.assert_close(distillation_loss(s, 5 * t, y, 7.0, 0.3, hard=True), expected)
+    # a teacher that agrees with the labels leaves plain cross-entropy
+    torch.testing.assert_close(distillation_loss(s, F.one_hot(y, 5).float(), y, 2.0, 0.3, hard=True),
+                               F.cross_entropy(s, y))
+
+
 def test_distillation_loss_teacher_gets_no_gradient_and_bad_input():
     s, t = torch.randn(4, 3, requires_grad=True), torch.randn(4, 3, requires_grad=True)
     distillation_loss(s, t, torch.tensor([0, 1, 2, 0])).backward()

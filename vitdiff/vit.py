@@ -165,19 +165,25 @@ def attention_rollout(maps: list[torch.Tensor], residual: bool = True) -> torch.
 
 
 def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
-                      temperature: float = 2.0, weight: float = 0.5) -> torch.Tensor:
+                      temperature: float = 2.0, weight: float = 0.5, hard: bool = False) -> torch.Tensor:
     """Soft knowledge distillation (Hinton et al. 2015; DeiT's "soft distillation", Touvron et al. 2021):
 
         (1 − w) · CE(s, y) + w · T² · KL(softmax(t / T) ‖ softmax(s / T)),
 
     for student logits s (B, K), teacher logits t (B, K) and labels y (B,). The student learns the labels and,
     from the teacher's softened probabilities, which wrong classes are nearly right. T² keeps the gradient
-    of the second term the same size for every temperature. w = 0 is plain cross-entropy."""
+    of the second term the same size for every temperature. w = 0 is plain cross-entropy.
+
+    hard=True is DeiT's "hard distillation": (1 − w) · CE(s, y) + w · CE(s, argmax t); the teacher's decision
+    replaces its probabilities and the temperature plays no part."""
     if student_logits.ndim != 2 or teacher_logits.shape != student_logits.shape:
         raise ValueError(f"student and teacher logits must both be (B, K), got {tuple(student_logits.shape)} and "
                          f"{tuple(teacher_logits.shape)}")
     if not temperature > 0 or not 0 <= weight <= 1:
         raise ValueError(f"need temperature > 0 and 0 <= weight <= 1, got {temperature!r} and {weight!r}")
+    if hard:
+        return ((1 - weight) * F.cross_entropy(student_logits, labels)
+                + weight * F.cross_entropy(student_logits, teacher_logits.argmax(dim=1)))
     hard = F.cross_entropy(student_logits, labels)
     soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
                     F.log_softmax(teacher_logits.detach() / temperature, dim=1), reduction="batchmean", log_target=True)
