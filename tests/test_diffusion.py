@@ -436,9 +436,24 @@ def test_ddim_with_eps_from_clipped_x0_is_the_clipped_ddpm_step(schedule_name):
         torch.testing.assert_close(consistent, ddpm, atol=1e-5, rtol=1e-5)
         kept = ddim_step(s, eps_hat, t, t - 1, x_t, eta=1.0, noise=z)  # diffusers' default keeps the model's ε̂
         assert (kept - ddpm).abs().max() > 1e-2
-    # without clipping there is nothing to re-derive
-    torch.testing.assert_close(ddim_step(s, eps_hat, 500, 300, x_t, clip_x0=False, eps_from_clipped_x0=True),
-                               ddim_step(s, eps_hat, 500, 300, x_t, clip_x0=False))
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "x0", "v"])
+def test_eps_re_derived_from_an_unclipped_x0_is_the_models_own(prediction):
+    # x̂0 already inside [-1, 1]: the clamp does nothing, so the re-derived ε̂ must invert predict_x0 exactly
+    s = NoiseSchedule(1000, "cosine")
+    g = torch.Generator().manual_seed(1)
+    x0, eps = torch.rand(4, 1, 6, 6, generator=g) - 0.5, torch.randn(4, 1, 6, 6, generator=g)
+    for t, t_prev in ((999, 899), (500, 300), (20, -1)):
+        a = s.alphas_cumprod.double()[t]
+        x_t = (a.sqrt() * x0 + (1 - a).sqrt() * eps).float()
+        output = {"epsilon": eps, "x0": x0, "v": (a.sqrt() * eps - (1 - a).sqrt() * x0).float()}[prediction]
+        for eta in (0.0, 1.0):
+            noise = torch.randn(x0.shape, generator=g)
+            kept = ddim_step(s, output, t, t_prev, x_t, eta, noise, prediction=prediction)
+            re_derived = ddim_step(s, output, t, t_prev, x_t, eta, noise, prediction=prediction,
+                                   eps_from_clipped_x0=True)
+            torch.testing.assert_close(re_derived, kept, atol=2e-4, rtol=1e-4)
 
 
 def test_generate_passes_eps_from_clipped_x0_to_ddim():

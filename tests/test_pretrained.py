@@ -4,6 +4,7 @@ missing or corrupt file gives an error that names it and the command that recrea
 from __future__ import annotations
 
 import json
+import math
 import shutil
 
 import pytest
@@ -249,3 +250,17 @@ def test_list_names_every_recipe_and_says_which_ship_as_sidecars(capsys):
         name = line.split()[0]
         assert ("sidecar only" in line) == (name in pretrained.METRICS_ONLY), line
         assert "missing" not in line, line
+
+
+def test_mnist_ddpm_table_has_the_kept_eps_rows_and_can_skip_the_1000_step_row():
+    from vitdiff import bookmetrics
+
+    model = pretrained.load("mnist_ddpm")
+    m = bookmetrics.measure("mnist_ddpm", model, torch.device("cpu"), progress=False, samples=32, samples_1000=0,
+                            steps=(3,), diffusers_default_steps=(3,))
+    rows = m["fd_table"]
+    assert [(r["sampler"], r["steps"], r["samples"]) for r in rows] == [
+        ("DDIM (eta=0)", 3, 32), ("DDPM, strided (eta=1)", 3, 32), ("DDIM, model's eps kept", 3, 32)]
+    assert all(math.isfinite(r["fd"]) and r["floor"] > 0 for r in rows)
+    # same noise, same model, so the two DDIM rows would be equal to the last digit if both used one sampler
+    assert rows[0]["fd"] != rows[2]["fd"]

@@ -283,11 +283,13 @@ def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, t_pre
     """One DDIM step x_t -> x_{t_prev} (Song et al. 2021 eq. 12); t_prev = -1 means ᾱ_prev = 1 (the end).
 
     x_prev = sqrt(ᾱ_prev) x̂0 + sqrt(1 - ᾱ_prev - σ²) ε̂ + σ z, σ = eta · sqrt((1-ᾱ_prev)/(1-ᾱ_t) (1 - ᾱ_t/ᾱ_prev)).
-    eta = 0 is deterministic; eta = 1 with t_prev = t - 1 is the DDPM step. By default ε̂ comes from the
-    unclipped x̂0, as in diffusers (use_clipped_model_output=False), so a clipped x̂0 and that ε̂ no longer add
-    up to x_t and every clipped step leaves the trajectory. eps_from_clipped_x0=True recomputes
-    ε̂ = (x_t - sqrt(ᾱ_t) x̂0) / sqrt(1 - ᾱ_t) from the clipped x̂0 (diffusers' use_clipped_model_output=True), the
-    pair that the DDPM posterior mean uses. Of a 2C-channel output only the prediction half is used.
+    eta = 0 is deterministic; eta = 1 with t_prev = t - 1 is the DDPM step (with clip_x0, only when
+    eps_from_clipped_x0=True). By default ε̂ comes from the unclipped x̂0, as in diffusers
+    (use_clipped_model_output=False; kept as the default for parity), so a clipped x̂0 and that ε̂ no longer add
+    up to x_t and every clipped step leaves the trajectory, by sqrt(ᾱ_t) (clip(x̂0) - x̂0) however short the step.
+    eps_from_clipped_x0=True recomputes ε̂ = (x_t - sqrt(ᾱ_t) x̂0) / sqrt(1 - ᾱ_t) from the clipped x̂0 (diffusers'
+    use_clipped_model_output=True), the pair that the DDPM posterior mean uses; chapter 04 measures the
+    difference. Of a 2C-channel output only the prediction half is used.
     """
     _check_step(schedule, t)
     _check_step(schedule, t_prev, "t_prev", low=-1)
@@ -432,7 +434,9 @@ def ddim_sample(model: Denoiser, schedule: NoiseSchedule, shape: tuple[int, ...]
                 progress: bool = True, known: torch.Tensor | None = None, known_mask: torch.Tensor | None = None,
                 start_t: int | None = None, eps_from_clipped_x0: bool = False, **cond) -> torch.Tensor:
     """DDIM sampling on `steps` timesteps (`timesteps_for(T, steps, spacing)`); eta = 0 is deterministic.
-    eps_from_clipped_x0: see `ddim_step` (it matters only with clip_x0).
+
+    eps_from_clipped_x0 re-derives ε̂ from the clipped x̂0 at every step (see `ddim_step`; it matters only with
+    clip_x0, and is off by default for parity with diffusers).
 
     Each step goes from a timestep to the next one of the sub-sequence (the last one to ᾱ = 1). diffusers'
     DDIMScheduler instead always steps to t - T // steps; the two agree whenever T is divisible by `steps`

@@ -286,6 +286,9 @@ CANDIDATES: dict[str, Recipe] = {r.name: r for r in [
              config={"base_channels": 24}, train={"batch_size": 64}),
     _variant("mnist_ddpm", "mnist_ddpm_b16x4", "U-Net widths 16, 32, 64 (0.90M parameters), batch 64", 2200,
              config={"channel_mult": [1, 2, 4]}, train={"batch_size": 64}),
+    # the recipe's U-Net with batch 256 for as many CPU-seconds (720 steps x 1.58 s against 1,600 x 0.72 s)
+    _variant("mnist_ddpm", "mnist_ddpm_bs256", "the recipe's U-Net with batch 256, 720 steps", 720,
+             train={"batch_size": 256}),
     _variant("shapes_unet_latent", "shapes_unet_latent_nopool", "the latent text U-Net without the pooled caption: "
              "every word reaches the image through cross-attention alone", 2000, unet={"pooled_dim": None}),
 ]}

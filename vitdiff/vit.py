@@ -175,7 +175,8 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     of the second term the same size for every temperature. w = 0 is plain cross-entropy.
 
     hard=True is DeiT's "hard distillation": (1 − w) · CE(s, y) + w · CE(s, argmax t); the teacher's decision
-    replaces its probabilities and the temperature plays no part."""
+    replaces its probabilities and the temperature plays no part. (DeiT also adds a distillation token whose
+    head learns the teacher's term; here one head learns both.)"""
     if student_logits.ndim != 2 or teacher_logits.shape != student_logits.shape:
         raise ValueError(f"student and teacher logits must both be (B, K), got {tuple(student_logits.shape)} and "
                          f"{tuple(teacher_logits.shape)}")
@@ -184,10 +185,10 @@ def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor
     if hard:
         return ((1 - weight) * F.cross_entropy(student_logits, labels)
                 + weight * F.cross_entropy(student_logits, teacher_logits.argmax(dim=1)))
-    hard = F.cross_entropy(student_logits, labels)
+    label_loss = F.cross_entropy(student_logits, labels)
     soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
                     F.log_softmax(teacher_logits.detach() / temperature, dim=1), reduction="batchmean", log_target=True)
-    return (1 - weight) * hard + weight * temperature**2 * soft
+    return (1 - weight) * label_loss + weight * temperature**2 * soft
 
 
 def _init_weights(module: nn.Module) -> None:
