@@ -299,12 +299,12 @@ def ddim_step(schedule: NoiseSchedule, model_output: torch.Tensor, t: int, t_pre
     _check_eta(eta)
     x0 = schedule.predict_x0(x_t, t, model_output, prediction)
     eps = schedule.predict_eps(x_t, t, model_output, prediction)
-    a_t = schedule.alphas_cumprod_float64[t]
-    a_prev = schedule.alphas_cumprod_float64[t_prev] if t_prev >= 0 else 1.0
     if clip_x0:
         x0 = x0.clamp(-1, 1)
-        if eps_from_clipped_x0:
-            eps = (x_t - math.sqrt(a_t) * x0) / math.sqrt(1 - a_t)
+        if eps_from_clipped_x0:  # the ε that the clipped x̂0 implies at x_t
+            eps = schedule.predict_eps(x_t, t, x0, "x0")
+    a_t = schedule.alphas_cumprod_float64[t]
+    a_prev = schedule.alphas_cumprod_float64[t_prev] if t_prev >= 0 else 1.0
     sigma = eta * math.sqrt((1 - a_prev) / (1 - a_t) * (1 - a_t / a_prev))
     x_prev = math.sqrt(a_prev) * x0 + math.sqrt(max(1 - a_prev - sigma**2, 0.0)) * eps  # max: eta > 1
     if eta > 0:
