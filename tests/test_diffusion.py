@@ -17,6 +17,7 @@ from vitdiff.diffusion import (
     ddpm_step,
     diffusion_loss,
     img2img_start,
+    min_snr_weight,
     timesteps_for,
 )
 
@@ -174,6 +175,44 @@ def test_diffusion_loss_is_the_mse_to_the_target():
     loss = diffusion_loss(lambda x, t: weight * x, s, x0)  # random t and noise
     loss.backward()
     assert weight.grad is not None and seen["t"].shape == (4,)
+
+
+@pytest.mark.parametrize("schedule_name", ["linear", "cosine"])
+@pytest.mark.parametrize("prediction", ["epsilon", "x0", "v"])
+def test_min_snr_loss_is_the_x0_error_weighted_by_snr_capped_at_gamma(prediction, schedule_name):
+    s, gamma = NoiseSchedule(1000, schedule_name).double(), 5.0
+    torch.manual_seed(0)
+    x0, noise = torch.randn(6, 1, 3, 3, dtype=torch.float64), torch.randn(6, 1, 3, 3, dtype=torch.float64)
+    t = torch.tensor([0, 10, 200, 500, 900, 999])  # SNR from 1e4 down to about 0
+    x0_guess = x0 + 0.3 * torch.randn_like(x0)  # an imperfect denoiser, answering in the prediction's terms
+
+    def model(x_t, t):
+        eps = s.predict_eps(x_t, t, x0_guess, "x0")
+        return {"epsilon": eps, "x0": x0_guess, "v": s.target(x0_guess, eps, t, "v")}[prediction]
+
+    snr = s.snr(t)
+    per_sample_x0_error = (x0 - x0_guess).pow(2).flatten(1).mean(1)
+    expected = (snr.clamp(max=gamma) * per_sample_x0_error).mean()
+    loss = diffusion_loss(model, s, x0, prediction, t=t, noise=noise, snr_gamma=gamma)
+    torch.testing.assert_close(loss, expected, rtol=1e-7, atol=0)  # the schedule tables are stored in float32
+    assert snr.min() < gamma < snr.max()  # both sides of the cap are exercised
+    # unweighted, the same model's loss is dominated by other steps: the weighting changes the number
+    assert not torch.isclose(diffusion_loss(model, s, x0, prediction, t=t, noise=noise), expected)
+
+
+def test_min_snr_weights_of_the_epsilon_loss_are_one_below_gamma_and_finite_at_zero_snr():
+    snr = torch.tensor([0.0, 0.5, 5.0, 50.0, 1e4])
+    torch.testing.assert_close(min_snr_weight(snr, 5.0), torch.tensor([1.0, 1.0, 1.0, 0.1, 5e-4]))
+    torch.testing.assert_close(min_snr_weight(snr, 5.0, "x0"), torch.tensor([0.0, 0.5, 5.0, 5.0, 5.0]))
+    torch.testing.assert_close(min_snr_weight(snr, 5.0, "v"), torch.tensor([0.0, 0.5 / 1.5, 5 / 6, 5 / 51, 5 / 10001]))
+    s, x0 = NoiseSchedule(100), torch.randn(8, 1, 2, 2)
+    t, noise = torch.arange(0, 100, 13), torch.randn(8, 1, 2, 2)
+    half = lambda x, t: 0.5 * x
+    big = diffusion_loss(half, s, x0, t=t, noise=noise, snr_gamma=1e9)  # γ above every SNR: the plain ε loss
+    torch.testing.assert_close(big, diffusion_loss(half, s, x0, t=t, noise=noise))
+    for bad in (0, -1.0, math.inf, True, "5"):
+        with pytest.raises(ValueError, match="gamma"):
+            diffusion_loss(half, s, x0, snr_gamma=bad)
 
 
 def test_diffusion_loss_draws_t_uniformly_from_all_of_0_to_T_minus_1():

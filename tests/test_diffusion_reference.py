@@ -15,7 +15,15 @@ import pytest
 import torch
 from diffusers import DDIMScheduler, DDPMScheduler
 
-from vitdiff.diffusion import NoiseSchedule, ddim_sample, ddim_step, ddpm_sample, ddpm_step, timesteps_for
+from vitdiff.diffusion import (
+    NoiseSchedule,
+    ddim_sample,
+    ddim_step,
+    ddpm_sample,
+    ddpm_step,
+    min_snr_weight,
+    timesteps_for,
+)
 
 SHAPE = (2, 3, 4, 4)
 SCHEDULES = [("linear", "linear"), ("cosine", "squaredcos_cap_v2")]  # (vitdiff, diffusers)
@@ -168,3 +176,22 @@ def test_whole_sampling_loops_match_diffusers(sampler):
     # float32 from the generator alone: x_T and every step's noise drawn in the same order as diffusers
     expected = diffusers_loop(ref32, toy_model, torch.Generator().manual_seed(0), torch.float32, **step_kwargs)
     torch.testing.assert_close(ours(torch.Generator().manual_seed(0)), expected, **FLOAT32_DIFFUSERS)
+
+
+# ----------------------------------------------------------------------------- Min-SNR-γ loss weights
+
+
+@pytest.mark.parametrize("prediction", ["epsilon", "v"])
+@pytest.mark.parametrize("ours,theirs", SCHEDULES)
+def test_snr_and_min_snr_weights_match_diffusers_training_utils(ours, theirs, prediction):
+    from diffusers.training_utils import compute_snr
+
+    s, ref = NoiseSchedule(1000, ours), in_float64(DDPMScheduler(1000, beta_schedule=theirs))
+    t = torch.arange(0, 999, 7)  # diffusers' cosine ends at SNR = 0 exactly at t = 999, where its ε weight is 0/0
+    snr = compute_snr(ref, t).double()
+    torch.testing.assert_close(s.snr(t), snr.to(s.snr(t).dtype), rtol=1e-5, atol=0)
+    # diffusers' examples/text_to_image/train_text_to_image.py, --snr_gamma: min(SNR, γ) / SNR for ε and
+    # min(SNR, γ) / (SNR + 1) for v
+    capped = torch.stack([snr, 5.0 * torch.ones_like(snr)], dim=1).min(dim=1)[0]
+    expected = capped / snr if prediction == "epsilon" else capped / (snr + 1)
+    torch.testing.assert_close(min_snr_weight(snr, 5.0, prediction), expected, rtol=1e-12, atol=0)

@@ -153,6 +153,23 @@ def test_a_distilled_recipe_gets_its_teachers_logits_for_every_image(monkeypatch
         pretrained.recipe_loss(incomplete, torch.device("cpu"))
 
 
+def test_the_min_snr_option_weights_a_recipes_diffusion_loss():
+    from vitdiff.diffusion import NoiseSchedule, diffusion_loss
+
+    base = pretrained.recipe("mnist_ddpm")
+    weighted = pretrained._variant("mnist_ddpm", "mnist_ddpm_probe", "probe", 1, options={"min_snr_gamma": 5.0})
+    torch.manual_seed(0)
+    model, x0 = pretrained.build_model(base), torch.rand(4, 1, 28, 28) * 2 - 1
+    schedule = NoiseSchedule(1000, base.options["schedule"])
+    losses = {}
+    for tag, r, gamma in (("plain", base, None), ("weighted", weighted, 5.0)):
+        torch.manual_seed(1)  # the same t and noise for the recipe's loss and the direct call
+        losses[tag] = pretrained.recipe_loss(r, torch.device("cpu"))(model, (x0,))
+        torch.manual_seed(1)
+        torch.testing.assert_close(losses[tag], diffusion_loss(model, schedule, x0, base.objective, snr_gamma=gamma))
+    assert not torch.isclose(losses["plain"], losses["weighted"])
+
+
 def test_held_out_combinations_leave_every_attribute_value_in_training():
     from vitdiff.data import COLOR_NAMES, POSITION_NAMES, SHAPE_NAMES
 

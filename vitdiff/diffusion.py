@@ -204,10 +204,29 @@ class NoiseSchedule(nn.Module):
 # ----------------------------------------------------------------------------- training objective
 
 
-def diffusion_loss(model: Denoiser, schedule: NoiseSchedule, x0: torch.Tensor, prediction: str = "epsilon",
-                   t: torch.Tensor | None = None, noise: torch.Tensor | None = None, **cond) -> torch.Tensor:
-    """Denoising loss: E_{t, ε} ||model(x_t, t) - target||², t ~ U{0..T-1} and ε ~ N(0, I) unless given."""
+def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str = "epsilon") -> torch.Tensor:
+    """Min-SNR-γ loss weights (Hang et al. 2023), shaped like snr: whatever the prediction, weight x its MSE
+    = min(SNR, γ) ||x0 - x̂0||², since ||ε - ε̂||² = SNR ||x0 - x̂0||² and ||v - v̂||² = (1 + SNR) ||x0 - x̂0||².
+    So each t is weighted as the x0 error times SNR, capped at γ: the nearly clean steps stop dominating."""
     _check_choice("prediction", prediction, PREDICTIONS)
+    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < math.inf:
+        raise ValueError(f"gamma must be a finite positive number (Hang et al. use 5), got {gamma!r}")
+    capped = snr.clamp(max=gamma)  # min(SNR, γ)
+    if prediction == "epsilon":
+        return (gamma / snr).clamp(max=1.0)  # min(SNR, γ) / SNR, = 1 where SNR = 0
+    if prediction == "v":
+        return capped / (snr + 1)
+    return capped
+
+
+def diffusion_loss(model: Denoiser, schedule: NoiseSchedule, x0: torch.Tensor, prediction: str = "epsilon",
+                   t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
+                   snr_gamma: float | None = None, **cond) -> torch.Tensor:
+    """Denoising loss: E_{t, ε} ||model(x_t, t) - target||², t ~ U{0..T-1} and ε ~ N(0, I) unless given.
+    With snr_gamma, each sample's squared error is weighted by `min_snr_weight` (Min-SNR-γ)."""
+    _check_choice("prediction", prediction, PREDICTIONS)
+    if snr_gamma is not None:
+        min_snr_weight(schedule.snr(0), snr_gamma, prediction)  # checks gamma before any work
     if not isinstance(x0, torch.Tensor) or x0.ndim < 1 or x0.shape[0] == 0:
         raise ValueError(f"x0 must be a non-empty batch (B >= 1, ...), got "
                          f"{tuple(x0.shape) if isinstance(x0, torch.Tensor) else type(x0).__name__}")
@@ -220,7 +239,10 @@ def diffusion_loss(model: Denoiser, schedule: NoiseSchedule, x0: torch.Tensor, p
     x_t = schedule.q_sample(x0, t, noise)
     output = model(x_t, t, **cond)
     _check_same_shape("model output", output, "x0", x0)
-    return F.mse_loss(output, schedule.target(x0, noise, t, prediction))
+    if snr_gamma is None:
+        return F.mse_loss(output, schedule.target(x0, noise, t, prediction))
+    error = (output - schedule.target(x0, noise, t, prediction)).pow(2).flatten(1).mean(1)  # (B,) per-sample MSE
+    return (min_snr_weight(schedule.snr(t), snr_gamma, prediction) * error).mean()
 
 
 # ----------------------------------------------------------------------------- single reverse steps

@@ -290,6 +290,10 @@ CANDIDATES: dict[str, Recipe] = {r.name: r for r in [
     # the same proxy FD 24.5, far worse; batch 128 and 1,600 steps stay
     _variant("mnist_ddpm", "mnist_ddpm_bs256", "the recipe's U-Net with batch 256, 720 steps", 720,
              train={"batch_size": 256}),
+    _variant("mnist_ddpm", "mnist_ddpm_bs64", "the recipe's U-Net with batch 64 and more steps", 3000,
+             train={"batch_size": 64}),
+    _variant("fmnist_vit", "fmnist_vit_bs64", "the recipe with batch 64 and more steps", 13900,
+             train={"batch_size": 64}),
     _variant("shapes_unet_latent", "shapes_unet_latent_nopool", "the latent text U-Net without the pooled caption: "
              "every word reaches the image through cross-attention alone", 2000, unet={"pooled_dim": None}),
 ]}
@@ -437,6 +441,7 @@ def recipe_loss(r: Recipe, device: torch.device) -> Callable[[nn.Module, tuple[t
     o = r.options
     if r.objective in ("epsilon", "v"):
         schedule = NoiseSchedule(1000, o["schedule"]).to(device)
+        gamma = o.get("min_snr_gamma")  # Min-SNR-γ loss weighting, None: the plain MSE
         if r.model == "TextUNet":
             tokenizer = shapes_tokenizer()
             table = caption_table(tokenizer).to(device)  # (5, 48, L)
@@ -447,19 +452,22 @@ def recipe_loss(r: Recipe, device: torch.device) -> Callable[[nn.Module, tuple[t
                 x0, labels = batch  # (B, 3, H, W), (B, 3)
                 variant = torch.multinomial(probs, len(labels), replacement=True)  # which words survive
                 ids = table[variant, (labels * weights).sum(dim=1)]  # (B, L)
-                return diffusion_loss(model, schedule, x0, r.objective, ids=ids, ids_mask=ids != tokenizer.pad_id)
+                return diffusion_loss(model, schedule, x0, r.objective, snr_gamma=gamma, ids=ids,
+                                      ids_mask=ids != tokenizer.pad_id)
             return text_loss
         if r.config.get("num_classes") and r.model == "DiT":  # the DiT drops labels itself (class_dropout_prob)
-            return lambda model, batch: diffusion_loss(model, schedule, batch[0], r.objective, y=batch[1])
+            return lambda model, batch: diffusion_loss(model, schedule, batch[0], r.objective, snr_gamma=gamma,
+                                                       y=batch[1])
         if r.config.get("num_classes"):
             null, p = r.config["num_classes"], o.get("label_dropout", 0.1)
 
             def class_loss(model: nn.Module, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
                 x0, y = batch
                 drop = torch.rand(len(y), device=y.device) < p
-                return diffusion_loss(model, schedule, x0, r.objective, y=torch.where(drop, null, y))
+                return diffusion_loss(model, schedule, x0, r.objective, snr_gamma=gamma,
+                                      y=torch.where(drop, null, y))
             return class_loss
-        return lambda model, batch: diffusion_loss(model, schedule, batch[0], r.objective)
+        return lambda model, batch: diffusion_loss(model, schedule, batch[0], r.objective, snr_gamma=gamma)
     if r.objective == "flow" and r.model in ("TextMMDiT", "TextUNet"):
         sampler, tokenizer = o.get("timestep_sampler", "logit-normal"), shapes_tokenizer()
         table = caption_table(tokenizer).to(device)  # (5, 48, L)
