@@ -194,7 +194,7 @@ def test_min_snr_loss_is_the_x0_error_weighted_by_snr_capped_at_gamma(prediction
     per_sample_x0_error = (x0 - x0_guess).pow(2).flatten(1).mean(1)
     expected = (snr.clamp(max=gamma) * per_sample_x0_error).mean()
     loss = diffusion_loss(model, s, x0, prediction, t=t, noise=noise, snr_gamma=gamma)
-    torch.testing.assert_close(loss, expected, rtol=1e-7, atol=0)  # the schedule tables are stored in float32
+    torch.testing.assert_close(loss, expected, rtol=1e-6, atol=0)  # the schedule tables are stored in float32
     assert snr.min() < gamma < snr.max()  # both sides of the cap are exercised
     # unweighted, the same model's loss is dominated by other steps: the weighting changes the number
     assert not torch.isclose(diffusion_loss(model, s, x0, prediction, t=t, noise=noise), expected)
@@ -210,6 +210,8 @@ def test_min_snr_weights_of_the_epsilon_loss_are_one_below_gamma_and_finite_at_z
     half = lambda x, t: 0.5 * x
     big = diffusion_loss(half, s, x0, t=t, noise=noise, snr_gamma=1e9)  # γ above every SNR: the plain ε loss
     torch.testing.assert_close(big, diffusion_loss(half, s, x0, t=t, noise=noise))
+    scalar_data = diffusion_loss(half, s, torch.randn(8), t=t, noise=torch.randn(8), snr_gamma=5.0)  # x0: (B,)
+    assert scalar_data.ndim == 0 and torch.isfinite(scalar_data)
     for bad in (0, -1.0, math.inf, True, "5"):
         with pytest.raises(ValueError, match="gamma"):
             diffusion_loss(half, s, x0, snr_gamma=bad)

@@ -285,3 +285,29 @@ def test_mnist_ddpm_table_has_the_kept_eps_rows_and_can_skip_the_1000_step_row()
     assert all(math.isfinite(r["fd"]) and r["floor"] > 0 for r in rows)
     # same noise, same model, so the two DDIM rows would be equal to the last digit if both used one sampler
     assert rows[0]["fd"] != rows[2]["fd"]
+
+
+def test_the_min_snr_comparison_matches_the_shipped_table_and_survives_re_measuring(tmp_path, monkeypatch):
+    from vitdiff import bookmetrics
+
+    metrics = pretrained.info("mnist_ddpm")["metrics"]
+    table = {(r["sampler"], r["steps"]): r["fd"] for r in metrics["fd_table"]}
+    rows = metrics["min_snr_comparison"]["rows"]
+    assert len(rows) == len(table) and all(table[(r["sampler"], r["steps"])] == r["fd_min_snr"] for r in rows)
+    assert metrics["min_snr_comparison"]["floor"] == metrics["fd_table"][0]["floor"]
+    assert metrics["min_snr_comparison"]["sha256"] == pretrained.info("mnist_ddpm")["sha256"]
+    # evaluate_recipe re-measures the checkpoint's own table but keeps the record of the other training
+    for path in pretrained.paths("mnist_ddpm"):
+        shutil.copy(path, tmp_path / path.name)
+    monkeypatch.setattr(bookmetrics, "measure", lambda *args, **kwargs: {"fd_table": []})
+    meta = pretrained.evaluate_recipe("mnist_ddpm", directory=tmp_path, device="cpu", progress=False)
+    assert meta["metrics"]["fd_table"] == [] and meta["metrics"]["min_snr_comparison"] == metrics["min_snr_comparison"]
+    assert pretrained.info("mnist_ddpm", tmp_path)["metrics"]["min_snr_comparison"] == metrics["min_snr_comparison"]
+    # ... but not once the weights are others than the ones it compared
+    sidecar = pretrained.paths("mnist_ddpm", tmp_path)[1]
+    meta = json.loads(sidecar.read_text())
+    meta["metrics"]["min_snr_comparison"]["sha256"] = "0" * 64
+    sidecar.write_text(json.dumps(meta))
+    monkeypatch.setattr(pretrained, "load", lambda *args, **kwargs: None)
+    assert "min_snr_comparison" not in pretrained.evaluate_recipe("mnist_ddpm", directory=tmp_path,
+                                                                   progress=False)["metrics"]

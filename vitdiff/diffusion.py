@@ -211,12 +211,10 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str = "epsilon")
     _check_choice("prediction", prediction, PREDICTIONS)
     if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not 0 < gamma < math.inf:
         raise ValueError(f"gamma must be a finite positive number (Hang et al. use 5), got {gamma!r}")
-    capped = snr.clamp(max=gamma)  # min(SNR, γ)
     if prediction == "epsilon":
         return (gamma / snr).clamp(max=1.0)  # min(SNR, γ) / SNR, = 1 where SNR = 0
-    if prediction == "v":
-        return capped / (snr + 1)
-    return capped
+    capped = snr.clamp(max=gamma)  # min(SNR, γ)
+    return capped / (snr + 1) if prediction == "v" else capped
 
 
 def diffusion_loss(model: Denoiser, schedule: NoiseSchedule, x0: torch.Tensor, prediction: str = "epsilon",
@@ -241,7 +239,7 @@ def diffusion_loss(model: Denoiser, schedule: NoiseSchedule, x0: torch.Tensor, p
     _check_same_shape("model output", output, "x0", x0)
     if snr_gamma is None:
         return F.mse_loss(output, schedule.target(x0, noise, t, prediction))
-    error = (output - schedule.target(x0, noise, t, prediction)).pow(2).flatten(1).mean(1)  # (B,) per-sample MSE
+    error = (output - schedule.target(x0, noise, t, prediction)).pow(2).reshape(b, -1).mean(1)  # (B,) per sample
     return (min_snr_weight(schedule.snr(t), snr_gamma, prediction) * error).mean()
 
 
