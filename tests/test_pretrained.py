@@ -108,10 +108,10 @@ def test_candidates_keep_the_model_data_and_objective_of_their_recipe():
         base = next(r for n, r in pretrained.RECIPES.items() if name.startswith(n + "_"))
         assert pretrained.recipe(name) is candidate
         assert (candidate.model, candidate.data, candidate.objective) == (base.model, base.data, base.objective)
-        # training: only the length and the batch may change; options: added, or a distillation weight or
-        # temperature changed, never what names the data (teacher, VAE, noise schedule)
+        # training: only the length, the batch and the learning rate may change; options: added, or a
+        # distillation weight or temperature changed, never what names the data (teacher, VAE, noise schedule)
         assert set(candidate.train) == set(base.train)
-        assert {k for k in base.train if candidate.train[k] != base.train[k]} <= {"steps", "batch_size"}
+        assert {k for k in base.train if candidate.train[k] != base.train[k]} <= {"steps", "batch_size", "lr"}
         assert set(base.options) <= set(candidate.options)
         changed = {k for k in base.options if candidate.options[k] != base.options[k]}
         assert changed <= {"distill_weight", "distill_temperature"}, (name, changed)
