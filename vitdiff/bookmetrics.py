@@ -219,7 +219,7 @@ _GPU_OPTIONS: dict[str, dict[str, Any]] = {
 
 
 def _family(name: str) -> str:
-    """The measurements a recipe gets: a candidate recipe (shapes_text_pool8, fmnist_vit_w96) is measured as its
+    """The measurements a recipe gets: a candidate recipe (shapes_text_pool8, fmnist_vit_cls_w96) is measured as its
     family (shapes_text, fmnist_vit)."""
     for family in ("shapes_text", "fmnist_vit", "shapes_unet_latent", "mnist_ddpm"):
         if name.startswith(family + "_"):
