@@ -108,10 +108,10 @@ def test_candidates_keep_the_model_data_and_objective_of_their_recipe():
         base = pretrained.RECIPES[max((n for n in pretrained.RECIPES if name.startswith(n + "_")), key=len)]
         assert pretrained.recipe(name) is candidate
         assert (candidate.model, candidate.data, candidate.objective) == (base.model, base.data, base.objective)
-        # training: only the length, the batch and the learning rate may change; options: added, or a
+        # training: only the length, the batch, the learning rate and the seed may change; options: added, or a
         # distillation weight or temperature changed, never what names the data (teacher, VAE, noise schedule)
         assert set(candidate.train) == set(base.train)
-        assert {k for k in base.train if candidate.train[k] != base.train[k]} <= {"steps", "batch_size", "lr"}
+        assert {k for k in base.train if candidate.train[k] != base.train[k]} <= {"steps", "batch_size", "lr", "seed"}
         assert set(base.options) <= set(candidate.options)
         changed = {k for k in base.options if candidate.options[k] != base.options[k]}
         assert changed <= {"distill_weight", "distill_temperature"}, (name, changed)
@@ -311,3 +311,16 @@ def test_the_min_snr_comparison_matches_the_shipped_table_and_survives_re_measur
     monkeypatch.setattr(pretrained, "load", lambda *args, **kwargs: None)
     assert "min_snr_comparison" not in pretrained.evaluate_recipe("mnist_ddpm", directory=tmp_path,
                                                                    progress=False)["metrics"]
+
+
+def test_the_vit_seed_comparison_names_the_shipped_runs():
+    metrics = pretrained.info("fmnist_vit")["metrics"]
+    record = metrics["seed_comparison"]
+    assert record["sha256"] == pretrained.info("fmnist_vit")["sha256"]
+    # seed 0 is what the two shipped sidecars measured; the other seed is another training of the same recipes
+    assert record["runs"]["0"] == {"fmnist_vit": metrics["test_accuracy"],
+                                   "fmnist_vit_cls": pretrained.info("fmnist_vit_cls")["metrics"]["test_accuracy"]}
+    assert pretrained.recipe("fmnist_vit").train["seed"] == 0 and set(record["runs"]) == {"0", str(record["seed"])}
+    other = record["runs"][str(record["seed"])]
+    assert set(other) == {"fmnist_vit", "fmnist_vit_cls"} and all(0.1 < v < 1 for v in other.values())
+    assert other != record["runs"]["0"], "another seed gives another training"
