@@ -324,10 +324,13 @@ CANDIDATES: dict[str, Recipe] = {r.name: r for r in [
     # batch 64 and 13,900 steps (21 CPU-min without the teacher, over the budget): 89.55%, worse than batch 128 (89.81%)
     _variant("fmnist_vit_cls", "fmnist_vit_cls_bs64", "fmnist_vit_cls with batch 64 and more steps", 13900,
              train={"batch_size": 64}),
-    # the seed spread of the ViT recipes: the book model and its class-token predecessor, each trained with seed 1:
-    # 89.64% and 89.01% (seed 0: 90.14% and 89.81%), kept in fmnist_vit's sidecar as seed_comparison
+    # the seed spread of the ViT recipes: the book model and its class-token predecessor, trained with seeds 1 and 2:
+    # 89.64% / 89.01% and 89.07% / 89.73% (seed 0: 90.14% / 89.81%); means 89.62% / 89.52%: the seed moves either
+    # by about a point, more than the difference between them. Kept in fmnist_vit's sidecar as seed_comparison
     _variant("fmnist_vit", "fmnist_vit_seed1", "the book ViT recipe with seed 1", 6300, train={"seed": 1}),
     _variant("fmnist_vit_cls", "fmnist_vit_cls_seed1", "fmnist_vit_cls with seed 1", 6300, train={"seed": 1}),
+    _variant("fmnist_vit", "fmnist_vit_seed2", "the book ViT recipe with seed 2", 6300, train={"seed": 2}),
+    _variant("fmnist_vit_cls", "fmnist_vit_cls_seed2", "fmnist_vit_cls with seed 2", 6300, train={"seed": 2}),
     # measured (not shipped): all three attributes 99-100% at s = 1-4 (192 samples each); its colour word stays near
     # chance in every layer (at most 27% inside), its shape word reaches 42% at up 4x4 (chance 25%)
     _variant("shapes_unet_latent", "shapes_unet_latent_nopool", "the latent text U-Net without the pooled caption: "
