@@ -92,6 +92,9 @@ _FMNIST_VIT = {"img_size": 28, "patch_size": 4, "in_chans": 1, "num_classes": 10
 _FMNIST_VIT_TRAIN = {"batch_size": 128, "lr": 2e-3, "warmup_steps": 100, "weight_decay": 0.05, "min_lr_ratio": 0.01,
                      "ema_decay": 0.998, "grad_clip": 1.0, "seed": 0}
 
+_FMNIST_VIT_DISTILL = {"max_shift": 0, "flip": False, "teacher": "fmnist_cnn_teacher", "distill_temperature": 2.0,
+                       "distill_weight": 0.5}  # no augmentation; DeiT's soft distillation from the CNN teacher
+
 _CAPTION_PROBS = [0.55, 0.1, 0.1, 0.1, 0.15]  # full caption, no colour, no position, shape only, empty (null)
 _SHAPES_MMDIT = {"mmdit": {"input_size": 8, "patch_size": 2, "in_channels": 4, "hidden_size": 128, "depth": 4,
                            "num_heads": 4, "mlp_ratio": 2.0, "context_dim": 64, "pooled_dim": 64},
@@ -154,23 +157,20 @@ RECIPES: dict[str, Recipe] = {r.name: r for r in [
            "ViT", {**_FMNIST_VIT, "global_pool": "avg", "class_token": False, "pos_embed": "sincos"},
            "fashion_mnist_labels01", "classify",
            {**_FMNIST_VIT_TRAIN, "steps": 6300},
-           {"max_shift": 0, "flip": False, "teacher": "fmnist_cnn_teacher", "distill_temperature": 2.0,
-            "distill_weight": 0.5}),
+           _FMNIST_VIT_DISTILL),
     Recipe("fmnist_vit_cls", "03", "the book ViT as the original ViT has it (a class token, learned positions), "
            "distilled in the same way: what the mean pooling and the fixed positions are measured against",
            "ViT", _FMNIST_VIT,
            "fashion_mnist_labels01", "classify",
            {**_FMNIST_VIT_TRAIN, "steps": 6300},
-           {"max_shift": 0, "flip": False, "teacher": "fmnist_cnn_teacher", "distill_temperature": 2.0,
-            "distill_weight": 0.5}),
+           _FMNIST_VIT_DISTILL),
     Recipe("fmnist_vit_learnpos", "03", "the book ViT with a learned position table instead of the fixed one "
            "(mean pooling, no class token), distilled in the same way: the two changes from fmnist_vit_cls one at "
            "a time",
            "ViT", {**_FMNIST_VIT, "global_pool": "avg", "class_token": False},
            "fashion_mnist_labels01", "classify",
            {**_FMNIST_VIT_TRAIN, "steps": 6300},
-           {"max_shift": 0, "flip": False, "teacher": "fmnist_cnn_teacher", "distill_temperature": 2.0,
-            "distill_weight": 0.5}),
+           _FMNIST_VIT_DISTILL),
     Recipe("fmnist_vit_plain", "03", "the book ViT without a teacher, trained for the whole 20 CPU-minutes "
            "(8,000 steps): what distillation is measured against",
            "ViT", _FMNIST_VIT,
