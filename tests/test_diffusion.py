@@ -81,6 +81,49 @@ def test_schedule_buffers_move_with_the_module():
 
 
 @pytest.mark.parametrize("kind", ["linear", "cosine"])
+@pytest.mark.parametrize("shift", [2.0, 4.0])
+def test_a_shifted_schedule_divides_every_snr_by_the_shift_squared(kind, shift):
+    plain, shifted = NoiseSchedule(1000, kind), NoiseSchedule(1000, kind, shift=shift)
+    # the float64 copies of ᾱ: 1 - ᾱ cancels in float32 near t = 0
+    a, b = (torch.tensor(s.alphas_cumprod_float64, dtype=torch.float64) for s in (plain, shifted))
+    torch.testing.assert_close(b / (1 - b), a / (1 - a) / shift**2, rtol=1e-9, atol=0)
+    # every table is rebuilt from the shifted ᾱ: β_t = 1 - ᾱ_t / ᾱ_{t-1}, and the posterior from those β
+    torch.testing.assert_close(shifted.alphas_cumprod.double(), torch.cumprod(1 - shifted.betas.double(), 0),
+                               rtol=1e-5, atol=1e-9)
+    assert (b < a).all() and (shifted.betas > 0).all() and (shifted.betas < 1).all()
+    assert shifted.config["shift"] == shift and "shift" not in plain.config
+    # SD3's timestep shift for flow matching is the same map: a VP step of SNR r sits at flow time
+    # σ = 1 / (1 + sqrt(r)) (flow's SNR is ((1-σ)/σ)²), and σ' = sσ / (1 + (s-1)σ) there
+    sigma, sigma_shifted = 1 / (1 + (a / (1 - a)).sqrt()), 1 / (1 + (b / (1 - b)).sqrt())
+    torch.testing.assert_close(sigma_shifted, shift * sigma / (1 + (shift - 1) * sigma), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
+def test_an_interpolated_shift_moves_log_snr_linearly_in_t(kind):
+    plain, shifted = NoiseSchedule(1000, kind), NoiseSchedule(1000, kind, shift=(1.0, 8.0))
+    a, b = (torch.tensor(s.alphas_cumprod_float64, dtype=torch.float64) for s in (plain, shifted))
+    log_ratio = (a / (1 - a)).log() - (b / (1 - b)).log()  # log SNR(t) - log SNR'(t) = 2 log s_t
+    u = torch.linspace(0, 1, 1000, dtype=torch.float64)
+    torch.testing.assert_close(log_ratio, 2 * u * math.log(8.0), rtol=0, atol=1e-9)
+    assert shifted.config["shift"] == (1.0, 8.0) and (shifted.snr(torch.arange(1, 1000)) < shifted.snr(
+        torch.arange(999))).all()  # still a noise level that grows with t
+    for name, table in NoiseSchedule(100, kind, shift=(3.0, 3.0)).named_buffers():  # a constant pair = one shift
+        assert torch.equal(table, getattr(NoiseSchedule(100, kind, shift=3.0), name)), name
+
+
+def test_a_shift_of_one_changes_nothing_and_bad_shifts_are_refused():
+    for kind in ("linear", "cosine"):
+        plain, same = NoiseSchedule(100, kind), NoiseSchedule(100, kind, shift=1.0)
+        for name, table in plain.named_buffers():
+            assert torch.equal(table, getattr(same, name)), name
+    for bad in (0.0, -2.0, float("inf"), float("nan"), True, "4", (1.0,), (1.0, 2.0, 3.0), (0.0, 4.0), (1.0, None)):
+        with pytest.raises(ValueError, match="shift must be a positive finite number"):
+            NoiseSchedule(100, "cosine", shift=bad)
+    with pytest.raises(ValueError, match="noise level fall"):  # a shift that shrinks faster than the SNR falls
+        NoiseSchedule(100, "cosine", shift=(1e6, 1e-6))
+
+
+@pytest.mark.parametrize("kind", ["linear", "cosine"])
 def test_snr_is_strictly_decreasing(kind):
     s = NoiseSchedule(1000, kind)
     snr = s.snr(torch.arange(1000))

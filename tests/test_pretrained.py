@@ -326,3 +326,28 @@ def test_the_vit_seed_comparison_names_the_shipped_runs():
         other = record["runs"][str(seed)]
         assert set(other) == {"fmnist_vit", "fmnist_vit_cls"} and all(0.1 < v < 1 for v in other.values())
         assert other != record["runs"]["0"], "another seed gives another training"
+
+
+def test_a_diffusion_recipe_trains_with_its_own_shifted_schedule():
+    from vitdiff.diffusion import diffusion_loss
+
+    r = pretrained.recipe("shapes_text_shift4")
+    plain, shifted = pretrained.recipe_schedule("shapes_text"), pretrained.recipe_schedule(r)
+    assert "shift" not in plain.config and shifted.config["shift"] == r.options["schedule_shift"] == 4.0
+    with pytest.raises(ValueError, match="not a diffusion schedule"):
+        pretrained.recipe_schedule("shapes_mmdit")
+    torch.manual_seed(0)
+    model = pretrained.build_model(r)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))  # a fresh U-Net outputs zero, whatever the schedule
+    x0, labels = torch.rand(4, 3, 32, 32) * 2 - 1, torch.tensor([[0, 0, 0], [1, 2, 3], [2, 1, 0], [0, 3, 2]])
+    torch.manual_seed(1)
+    loss = pretrained.recipe_loss(r, torch.device("cpu"))(model, (x0, labels))
+    tokenizer = pretrained.shapes_tokenizer()
+    for schedule, same in ((shifted, True), (plain, False)):  # the same draws of caption, t and noise by hand
+        torch.manual_seed(1)
+        variant = torch.multinomial(torch.tensor(r.options["caption_variant_probs"]), 4, replacement=True)
+        ids = pretrained.caption_table(tokenizer)[variant, (labels * torch.tensor([16, 4, 1])).sum(dim=1)]
+        expected = diffusion_loss(model, schedule, x0, "v", ids=ids, ids_mask=ids != tokenizer.pad_id)
+        assert torch.allclose(loss, expected) == same

@@ -130,12 +130,12 @@ def _class_conditional(model: nn.Module, device: torch.device, progress: bool, s
             "fd_floor": fd_floor(evaluator, "fashion_mnist", len(labels))}
 
 
-def _shapes_text(model: nn.Module, device: torch.device, progress: bool, per_prompt: int = 20,
+def _shapes_text(name: str, model: nn.Module, device: torch.device, progress: bool, per_prompt: int = 20,
                  scales: tuple[float, ...] = (1.0, 3.0, 5.0), steps: int = 20) -> dict[str, Any]:
-    from .pretrained import SHAPE_TRIPLES, shapes_tokenizer
+    from .pretrained import SHAPE_TRIPLES, recipe_schedule, shapes_tokenizer
 
     evaluator = get_evaluator("shapes", device=device)
-    schedule = NoiseSchedule(1000, "cosine").to(device)
+    schedule = recipe_schedule(name).to(device)  # the recipe's own (shapes_text: cosine, shifted towards noise)
     tokenizer = shapes_tokenizer()
     labels = torch.tensor(SHAPE_TRIPLES).repeat_interleave(per_prompt, dim=0)  # (48·n, 3)
     ids, mask = tokenizer.encode([shapes_caption([row]) for row in labels.tolist()])
@@ -235,13 +235,13 @@ def measure(name: str, model: nn.Module, device: torch.device, progress: bool = 
         family = "ablation" if name.startswith(("ablation_", "scaling_")) else _family(name)
         for key, value in _GPU_OPTIONS.get(family, {}).items():
             options.setdefault(key, value)
-    name = _family(name)
+    recipe_name, name = name, _family(name)
     if name == "mnist_ddpm":
         return _mnist_ddpm(model, device, progress, **options)
     if name == "fmnist_cfg":
         return _class_conditional(model, device, progress, **options)
     if name == "shapes_text":
-        return _shapes_text(model, device, progress, **options)
+        return _shapes_text(recipe_name, model, device, progress, **options)
     if name in ("fmnist_latent", "fmnist_pixel"):
         return _unconditional_fmnist(model, device, progress, latent=name == "fmnist_latent", **options)
     if name in ("shapes_vae", "fmnist_vae"):

@@ -75,10 +75,19 @@ class NoiseSchedule(nn.Module):
 
     All tables are computed in float64 and stored as float32 buffers (T,), so `.to(device)` moves them.
     schedule="linear" equals diffusers' "linear", "cosine" its "squaredcos_cap_v2" (beta_start/end unused).
+
+    shift=s > 1 moves every timestep towards noise by dividing its signal-to-noise ratio by s²:
+    SNR'(t) = SNR(t) / s², i.e. ᾱ'_t = ᾱ_t / (ᾱ_t + s² (1 - ᾱ_t)). A schedule tuned for one resolution
+    leaves too little noise at a higher one, since averaging over more pixels recovers the layout early;
+    "simple diffusion" (Hoogeboom et al. 2023) shifts by s = resolution / base resolution, and SD3's
+    timestep shift for flow matching is the same map (σ' = sσ / (1 + (s - 1)σ)). shift=(s0, s1)
+    interpolates the shift in log space from s0 at t = 0 to s1 at t = T - 1 (simple diffusion's
+    interpolated schedule): (1, 4) keeps the fine detail of the plain schedule at low noise and moves
+    only the noisy end, where the layout is decided.
     """
 
     def __init__(self, num_timesteps: int = 1000, schedule: str = "linear", beta_start: float = 1e-4,
-                 beta_end: float = 0.02):
+                 beta_end: float = 0.02, shift: float | tuple[float, float] = 1.0):
         super().__init__()
         if isinstance(num_timesteps, bool) or not isinstance(num_timesteps, int) or num_timesteps < 2:
             raise ValueError(f"num_timesteps must be an int >= 2, got {num_timesteps!r}")
@@ -86,14 +95,27 @@ class NoiseSchedule(nn.Module):
         for name, value in (("beta_start", beta_start), ("beta_end", beta_end)):
             if not 0 < value < 1:
                 raise ValueError(f"{name} must lie in (0, 1), got {value!r}")
+        shifts = tuple(shift) if isinstance(shift, (tuple, list)) else (shift, shift)  # (at t = 0, at t = T - 1)
+        if len(shifts) != 2 or any(isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 < v < float("inf")
+                                   for v in shifts):
+            raise ValueError(f"shift must be a positive finite number or a pair of them, got {shift!r}")
         self.num_timesteps = num_timesteps
         self.config = dict(num_timesteps=num_timesteps, schedule=schedule, beta_start=beta_start,
                            beta_end=beta_end)
+        if shifts != (1, 1):
+            self.config["shift"] = float(shifts[0]) if shifts[0] == shifts[1] else tuple(map(float, shifts))
 
         betas = linear_betas(num_timesteps, beta_start, beta_end) if schedule == "linear" \
             else cosine_betas(num_timesteps)
+        alphas_cumprod = torch.cumprod(1 - betas, dim=0)  # ᾱ_t
+        if shifts != (1, 1):  # SNR / s_t²: ᾱ/(1-ᾱ) -> ᾱ/(s_t² (1-ᾱ)), then β_t = 1 - ᾱ_t / ᾱ_{t-1} again
+            u = torch.linspace(0, 1, num_timesteps, dtype=torch.float64)
+            s_t = torch.exp((1 - u) * math.log(shifts[0]) + u * math.log(shifts[1]))  # (T,), log-linear in t
+            alphas_cumprod = alphas_cumprod / (alphas_cumprod + s_t**2 * (1 - alphas_cumprod))
+            betas = 1 - alphas_cumprod / torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])
+            if not (betas > 0).all():
+                raise ValueError(f"shift={shift!r} makes the noise level fall somewhere as t grows")
         alphas = 1 - betas
-        alphas_cumprod = torch.cumprod(alphas, dim=0)  # ᾱ_t
         alphas_cumprod_prev = torch.cat([torch.ones(1, dtype=torch.float64), alphas_cumprod[:-1]])  # ᾱ_{t-1}
         # posterior q(x_{t-1} | x_t, x0) = N(coef1 x0 + coef2 x_t, β̃_t)   (Ho et al. eq. 6-7)
         posterior_variance = betas * (1 - alphas_cumprod_prev) / (1 - alphas_cumprod)  # β̃_t, 0 at t = 0
