@@ -331,8 +331,8 @@ def test_the_vit_seed_comparison_names_the_shipped_runs():
 def test_a_diffusion_recipe_trains_with_its_own_shifted_schedule():
     from vitdiff.diffusion import diffusion_loss
 
-    r = pretrained.recipe("shapes_text_shift4")
-    plain, shifted = pretrained.recipe_schedule("shapes_text"), pretrained.recipe_schedule(r)
+    r = pretrained.recipe("shapes_text")
+    plain, shifted = pretrained.recipe_schedule("shapes_text_noshift"), pretrained.recipe_schedule(r)
     assert "shift" not in plain.config and shifted.config["shift"] == r.options["schedule_shift"] == 4.0
     with pytest.raises(ValueError, match="not a diffusion schedule"):
         pretrained.recipe_schedule("shapes_mmdit")

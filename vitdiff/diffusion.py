@@ -81,9 +81,8 @@ class NoiseSchedule(nn.Module):
     leaves too little noise at a higher one, since averaging over more pixels recovers the layout early;
     "simple diffusion" (Hoogeboom et al. 2023) shifts by s = resolution / base resolution, and SD3's
     timestep shift for flow matching is the same map (σ' = sσ / (1 + (s - 1)σ)). shift=(s0, s1)
-    interpolates the shift in log space from s0 at t = 0 to s1 at t = T - 1 (simple diffusion's
-    interpolated schedule): (1, 4) keeps the fine detail of the plain schedule at low noise and moves
-    only the noisy end, where the layout is decided.
+    interpolates the shift in log space from s0 at t = 0 to s1 at t = T - 1, in the spirit of simple
+    diffusion's interpolated schedules: (1, 4) leaves the low-noise end as it was and shifts the noisy end.
     """
 
     def __init__(self, num_timesteps: int = 1000, schedule: str = "linear", beta_start: float = 1e-4,
