@@ -135,7 +135,7 @@ def _shapes_text(name: str, model: nn.Module, device: torch.device, progress: bo
     from .pretrained import SHAPE_TRIPLES, recipe_schedule, shapes_tokenizer
 
     evaluator = get_evaluator("shapes", device=device)
-    schedule = recipe_schedule(name).to(device)  # the recipe's own: shapes_text plain, shapes_text_shift4 shifted
+    schedule = recipe_schedule(name).to(device)  # the recipe's own: shapes_text shifted by 4, shapes_text_noshift plain
     tokenizer = shapes_tokenizer()
     labels = torch.tensor(SHAPE_TRIPLES).repeat_interleave(per_prompt, dim=0)  # (48·n, 3)
     ids, mask = tokenizer.encode([shapes_caption([row]) for row in labels.tolist()])
