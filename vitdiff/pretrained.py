@@ -266,8 +266,8 @@ METRICS_ONLY: frozenset[str] = frozenset({"fmnist_dit_eps", "shapes_crossdit", "
 def _variant(base: str, name: str, summary: str, steps: int, config: dict[str, Any] | None = None,
              unet: dict[str, Any] | None = None, train: dict[str, Any] | None = None,
              options: dict[str, Any] | None = None) -> Recipe:
-    """A candidate: recipe `base` with another name, model config, step count, training and objective options
-    (trainable, not shipped)."""
+    """Recipe `base` with another name, model config, step count, training and objective options: a candidate
+    (trainable, not shipped), or a recipe derived from another (shapes_text from shapes_text_attn16)."""
     r = RECIPES[base]
     new_config = {**r.config, **(config or {})}
     if unet:
