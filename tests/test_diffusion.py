@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from vitdiff.diffusion import (
+    ExpertDenoisers,
     NoiseSchedule,
     classifier_free_guidance,
     cosine_betas,
@@ -17,6 +18,7 @@ from vitdiff.diffusion import (
     ddpm_step,
     diffusion_loss,
     img2img_start,
+    matching_timesteps,
     min_snr_weight,
     timesteps_for,
 )
@@ -559,3 +561,62 @@ def test_generate_passes_eps_from_clipped_x0_to_ddim():
                                generator=torch.Generator().manual_seed(0), progress=False)
     torch.testing.assert_close(out[True], expected)
     assert (out[True] - out[False]).abs().max() > 1e-2
+
+
+# ----------------------------------------------------------------------------- expert denoisers
+
+
+def test_matching_timesteps_pair_the_noise_levels_of_two_schedules():
+    plain = NoiseSchedule(1000, "cosine")
+    assert torch.equal(matching_timesteps(plain, plain), torch.arange(1000))
+    shifted = NoiseSchedule(1000, "cosine", shift=4.0)
+    table = matching_timesteps(shifted, plain)  # (1000,)
+    assert table.shape == (1000,) and table.dtype == torch.int64
+    assert (table.diff() >= 0).all() and (table <= torch.arange(1000)).all()  # the shifted one is noisier at every t
+    a, a_ref = (torch.tensor(s.alphas_cumprod_float64) for s in (shifted, plain))
+    gaps = (a[table] - a_ref).abs()  # the nearest ᾱ: no neighbour of the chosen timestep is closer
+    for step in (-1, 1):
+        neighbour = (table + step).clamp(0, 999)
+        assert (gaps <= (a[neighbour] - a_ref).abs() + 1e-15).all()
+    assert gaps.max() < 0.02
+
+
+class _Tagged(torch.nn.Module):
+    """A stand-in expert whose output records who ran, at which timestep, with which condition row."""
+
+    def __init__(self, tag: float):
+        super().__init__()
+        self.tag = tag
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        return self.tag + 0 * x + (t.float() + 1000 * y.float()).view(-1, 1, 1, 1)
+
+
+def test_expert_denoisers_route_each_row_by_its_noise_level():
+    shifted, plain = NoiseSchedule(1000, "cosine", shift=4.0), NoiseSchedule(1000, "cosine")
+    experts = ExpertDenoisers(_Tagged(0.25), _Tagged(0.5), shifted, plain, switch_abar=0.5)
+    table = matching_timesteps(plain, shifted)
+    t = torch.tensor([999, 600, 300, 100, 20, 0])
+    y = torch.arange(6)
+    out = experts(torch.zeros(6, 1, 2, 2), t, y=y)  # (6, 1, 2, 2)
+    low = torch.tensor(shifted.alphas_cumprod_float64)[t] >= 0.5
+    assert low.tolist() == [False, False, False, True, True, True]  # both experts run in this batch
+    expected = torch.where(low, 0.5 + table[t].float(), 0.25 + t.float()) + 1000 * y.float()
+    assert torch.equal(out[:, 0, 0, 0], expected)  # the right expert, its own timestep, its own condition row
+    for t_all in (999, 0):  # a sampler's step: one expert for the whole batch
+        out = experts(torch.zeros(6, 1, 2, 2), torch.tensor(t_all), y=y)
+        step = table[0].item() + 0.5 if t_all == 0 else 999 + 0.25  # the low expert at its own matching timestep
+        assert torch.allclose(out[:, 0, 0, 0] - 1000 * y.float(), torch.full((6,), float(step)))
+    for bad in (0, 1, 1.5, True):
+        with pytest.raises(ValueError, match="switch_abar"):
+            ExpertDenoisers(_Tagged(0), _Tagged(1), shifted, plain, switch_abar=bad)
+
+
+def test_expert_denoisers_of_one_model_on_one_schedule_are_that_model():
+    schedule = NoiseSchedule(100, "linear")
+    experts = ExpertDenoisers(_Tagged(0.0), _Tagged(0.0), schedule, schedule, switch_abar=0.3)
+    x, t, y = torch.randn(5, 1, 2, 2), torch.tensor([99, 70, 40, 10, 0]), torch.arange(5)
+    assert torch.equal(experts(x, t, y=y), _Tagged(0.0)(x, t, y))
+    guided = classifier_free_guidance(experts, 3.0, {"y": torch.zeros(1, dtype=torch.long)})  # a 2B batch inside
+    out_c, out_u = _Tagged(0.0)(x, t, y), _Tagged(0.0)(x, t, torch.zeros(5, dtype=torch.long))
+    assert torch.allclose(guided(x, t, y=y), out_u + 3.0 * (out_c - out_u))

@@ -328,6 +328,58 @@ def test_the_vit_seed_comparison_names_the_shipped_runs():
         assert other != record["runs"]["0"], "another seed gives another training"
 
 
+def test_shapes_text_experts_hand_the_shipped_shift_model_over_to_the_plain_one_at_snr_1():
+    from vitdiff.diffusion import matching_timesteps
+
+    experts = pretrained.shapes_text_experts()
+    high, low = pretrained.load("shapes_text"), pretrained.load("shapes_text_noshift")
+    shifted = pretrained.recipe_schedule("shapes_text")
+    table = matching_timesteps(pretrained.recipe_schedule("shapes_text_noshift"), shifted)
+    abar = torch.tensor(shifted.alphas_cumprod_float64)
+    switch = int((abar >= 0.5).nonzero().max())  # the noisiest timestep the plain model still takes
+    assert experts.switch_abar == 0.5 and not experts.training
+    ids, mask = pretrained.shapes_tokenizer().encode(["a red circle at the top left", "a blue square"])
+    x = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        for t, expert, t_expert in ((999, high, 999), (switch + 1, high, switch + 1), (switch, low, table[switch]),
+                                    (0, low, table[0])):
+            expected = expert(x, torch.full((2,), int(t_expert)), ids=ids, ids_mask=mask)
+            assert torch.equal(experts(x, torch.full((2,), t), ids=ids, ids_mask=mask), expected), t
+
+
+def test_the_two_shapes_experts_follow_every_attribute_of_their_prompts():
+    from vitdiff import bookmetrics
+
+    model = pretrained.load("shapes_text")
+    out = bookmetrics.measure("shapes_text", model, torch.device("cpu"), progress=False, per_prompt=1, scales=(3.0,),
+                              base=False)  # the 48 prompts once: about 10 s on one core
+    assert "guidance_sweep" not in out and out["experts"]["low"] == "shapes_text_noshift"
+    (row,) = out["experts_sweep"]
+    assert row["samples"] == 48 and row["all"] >= 0.9, row  # the shifted model alone: about 70%
+    stored = pretrained.info("shapes_text")["metrics"]
+    assert stored["experts"] == out["experts"] and max(r["all"] for r in stored["experts_sweep"]) >= 0.9
+
+
+def test_plain_timestep_fraction_mixes_the_two_schedules_noise_levels():
+    from vitdiff.diffusion import matching_timesteps
+
+    r = pretrained.CANDIDATES["shapes_text_plain50"]
+    shifted = pretrained.recipe_schedule(r)
+    table = matching_timesteps(shifted, pretrained.recipe_schedule("shapes_text_noshift"))
+    assert pretrained._timestep_sampler(pretrained.recipe("shapes_text"), shifted, torch.device("cpu"))(8) is None
+    sample = pretrained._timestep_sampler(r, shifted, torch.device("cpu"))
+    torch.manual_seed(0)
+    t = sample(20_000)
+    low = (t < table[300]).float().mean().item()  # where the plain schedule spends 30% of its draws
+    uniform = table[300].item() / 1000
+    assert abs(low - (0.5 * uniform + 0.5 * 0.3)) < 0.015, (low, uniform)
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match="plain_timestep_fraction"):
+            pretrained._timestep_sampler(pretrained._variant("shapes_text", "x", "", 1,
+                                                             options={"plain_timestep_fraction": bad}),
+                                         shifted, torch.device("cpu"))
+
+
 def test_a_diffusion_recipe_trains_with_its_own_shifted_schedule():
     from vitdiff.diffusion import diffusion_loss
 

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .data import ATTRIBUTES, Shapes, dataset_tensors, shapes_caption
-from .diffusion import NoiseSchedule, classifier_free_guidance, ddim_sample, ddpm_sample
+from .diffusion import ExpertDenoisers, NoiseSchedule, classifier_free_guidance, ddim_sample, ddpm_sample
 from .metrics import class_accuracy, extract_features, fd_score, get_evaluator, prompt_adherence
 from .text import Tokenizer
 
@@ -81,13 +81,15 @@ def feature_diversity(evaluator: nn.Module, images: torch.Tensor, groups: int) -
 # ----------------------------------------------------------------------------- per recipe
 
 
-def _mnist_ddpm(model: nn.Module, device: torch.device, progress: bool, samples: int = 500,
+def _mnist_ddpm(name: str, model: nn.Module, device: torch.device, progress: bool, samples: int = 500,
                 samples_1000: int = 100, steps: tuple[int, ...] = (10, 20, 50, 100),
                 diffusers_default_steps: tuple[int, ...] = (10, 20, 50, 100)) -> dict[str, Any]:
     """The DDIM / strided DDPM rows re-derive ε̂ from the clipped x̂0; `diffusers_default_steps` adds DDIM rows
     that keep the model's ε̂ (diffusers' default), which drift off the trajectory as steps are added."""
+    from .pretrained import recipe_schedule
+
     evaluator = get_evaluator("mnist", device=device)
-    schedule = NoiseSchedule(1000, "linear").to(device)
+    schedule = recipe_schedule(name).to(device)
     test_x, _ = dataset_tensors("mnist", train=False, limit=max(samples, samples_1000))
     floors = {n: fd_floor(evaluator, "mnist", n) for n in {samples, samples_1000} - {0}}
     rows = []
@@ -108,10 +110,12 @@ def _mnist_ddpm(model: nn.Module, device: torch.device, progress: bool, samples:
     return {"fd_table": rows}
 
 
-def _class_conditional(model: nn.Module, device: torch.device, progress: bool, samples: int = 1000,
+def _class_conditional(name: str, model: nn.Module, device: torch.device, progress: bool, samples: int = 1000,
                        scales: tuple[float, ...] = (1.0, 2.0, 4.0), steps: int = 20) -> dict[str, Any]:
+    from .pretrained import recipe_schedule
+
     evaluator = get_evaluator("fashion_mnist", device=device)
-    schedule = NoiseSchedule(1000, "cosine").to(device)
+    schedule = recipe_schedule(name).to(device)
     test_x, test_y = dataset_tensors("fashion_mnist", train=False)
     labels = torch.arange(10).repeat_interleave(samples // 10)  # (N,), grouped by class
     null = torch.full((1,), 10, dtype=torch.long)
@@ -131,8 +135,12 @@ def _class_conditional(model: nn.Module, device: torch.device, progress: bool, s
 
 
 def _shapes_text(name: str, model: nn.Module, device: torch.device, progress: bool, per_prompt: int = 20,
-                 scales: tuple[float, ...] = (1.0, 3.0, 5.0), steps: int = 20) -> dict[str, Any]:
-    from .pretrained import SHAPE_TRIPLES, recipe_schedule, shapes_tokenizer
+                 scales: tuple[float, ...] = (1.0, 3.0, 5.0), steps: int = 20, experts: bool | None = None,
+                 base: bool = True) -> dict[str, Any]:
+    """The guidance sweep of a Shapes text U-Net; for shapes_text (or experts=True) also "experts_sweep": the
+    same prompts and noise drawn by `model` while ᾱ < 0.5 and by shapes_text_noshift after it (ExpertDenoisers, as
+    `pretrained.shapes_text_experts`). base=False measures only the experts."""
+    from .pretrained import SHAPE_TRIPLES, load, recipe_schedule, shapes_tokenizer
 
     evaluator = get_evaluator("shapes", device=device)
     schedule = recipe_schedule(name).to(device)  # the recipe's own: shapes_text shifted by 4, shapes_text_noshift plain
@@ -140,26 +148,38 @@ def _shapes_text(name: str, model: nn.Module, device: torch.device, progress: bo
     labels = torch.tensor(SHAPE_TRIPLES).repeat_interleave(per_prompt, dim=0)  # (48·n, 3)
     ids, mask = tokenizer.encode([shapes_caption([row]) for row in labels.tolist()])
     null_ids, null_mask = tokenizer.encode("")
-    rows = []
-    for scale in scales:
-        x = to01(generate(model, schedule, (3, 32, 32), len(labels), steps=steps, prediction="v", clip_x0=False,
-                          cond=lambda i0, i1: {"ids": ids[i0:i1], "ids_mask": mask[i0:i1]}, scale=scale,
-                          uncond={"ids": null_ids.to(device), "ids_mask": null_mask.to(device)}, progress=progress))
-        scores = prompt_adherence(evaluator, x, labels)
-        rows.append({"scale": scale, "samples": len(labels), **scores,
-                     "diversity": feature_diversity(evaluator, x, len(SHAPE_TRIPLES))})
+
+    def sweep(denoiser: nn.Module) -> list[dict[str, Any]]:
+        rows = []
+        for scale in scales:
+            x = to01(generate(denoiser, schedule, (3, 32, 32), len(labels), steps=steps, prediction="v",
+                              clip_x0=False, cond=lambda i0, i1: {"ids": ids[i0:i1], "ids_mask": mask[i0:i1]},
+                              scale=scale, uncond={"ids": null_ids.to(device), "ids_mask": null_mask.to(device)},
+                              progress=progress))
+            scores = prompt_adherence(evaluator, x, labels)
+            rows.append({"scale": scale, "samples": len(labels), **scores,
+                         "diversity": feature_diversity(evaluator, x, len(SHAPE_TRIPLES))})
+        return rows
+
+    result: dict[str, Any] = {"guidance_sweep": sweep(model)} if base else {}
+    if experts if experts is not None else name == "shapes_text":  # this model above SNR 1, the plain one below
+        low = load("shapes_text_noshift", device=device)
+        ensemble = ExpertDenoisers(model, low, schedule, recipe_schedule("shapes_text_noshift")).eval()
+        result["experts_sweep"] = sweep(ensemble)
+        result["experts"] = {"high": "shapes_text", "low": "shapes_text_noshift",
+                             "switch_abar": ensemble.switch_abar}
     real_images, _, real_labels = Shapes(size=len(labels), img_size=32, seed=1).tensors()
-    return {"guidance_sweep": rows, "sampler": f"DDIM {steps} steps",
+    return {**result, "sampler": f"DDIM {steps} steps",
             "chance": {"shape": 1 / 3, "color": 1 / 4, "position": 1 / 4, "all": 1 / 48},
             "real": prompt_adherence(evaluator, real_images, real_labels[:, 0])}
 
 
-def _unconditional_fmnist(model: nn.Module, device: torch.device, progress: bool, latent: bool,
+def _unconditional_fmnist(name: str, model: nn.Module, device: torch.device, progress: bool, latent: bool,
                           samples: int = 1000, steps: int = 20) -> dict[str, Any]:
-    from .pretrained import load
+    from .pretrained import load, recipe_schedule
 
     evaluator = get_evaluator("fashion_mnist", device=device)
-    schedule = NoiseSchedule(1000, "cosine").to(device)
+    schedule = recipe_schedule(name).to(device)
     test_x, _ = dataset_tensors("fashion_mnist", train=False, limit=samples)
     shape = (4, 8, 8) if latent else (1, 28, 28)
     x = generate(model, schedule, shape, samples, steps=steps, prediction="v", clip_x0=not latent,
@@ -237,13 +257,13 @@ def measure(name: str, model: nn.Module, device: torch.device, progress: bool = 
             options.setdefault(key, value)
     recipe_name, name = name, _family(name)
     if name == "mnist_ddpm":
-        return _mnist_ddpm(model, device, progress, **options)
+        return _mnist_ddpm(recipe_name, model, device, progress, **options)
     if name == "fmnist_cfg":
-        return _class_conditional(model, device, progress, **options)
+        return _class_conditional(recipe_name, model, device, progress, **options)
     if name == "shapes_text":
         return _shapes_text(recipe_name, model, device, progress, **options)
     if name in ("fmnist_latent", "fmnist_pixel"):
-        return _unconditional_fmnist(model, device, progress, latent=name == "fmnist_latent", **options)
+        return _unconditional_fmnist(recipe_name, model, device, progress, latent=name == "fmnist_latent", **options)
     if name in ("shapes_vae", "fmnist_vae"):
         return _vae(model, device, progress, shapes=name == "shapes_vae", **options)
     if name in ("fmnist_vit", "fmnist_vit_plain", "fmnist_cnn_teacher"):

@@ -566,3 +566,50 @@ def classifier_free_guidance(model: Denoiser, scale: float, uncond: dict[str, to
         return out_u + scale * (out_c - out_u)
 
     return guided
+
+
+# ----------------------------------------------------------------------------- expert denoisers
+
+
+def matching_timesteps(schedule: NoiseSchedule, reference: NoiseSchedule) -> torch.Tensor:
+    """For each timestep of `reference`, the timestep of `schedule` with the nearest ᾱ (int64 (T_ref,)).
+
+    Two denoisers trained on different schedules meet at equal ᾱ: x_t, and the ε, x0 and v targets, depend
+    only on ᾱ_t, so a timestep of one schedule is translated to the other through this table."""
+    a = torch.tensor(schedule.alphas_cumprod_float64, dtype=torch.float64)  # (T,)
+    a_ref = torch.tensor(reference.alphas_cumprod_float64, dtype=torch.float64)  # (T_ref,)
+    return (a[None, :] - a_ref[:, None]).abs().argmin(dim=1)
+
+
+class ExpertDenoisers(nn.Module):
+    """Two denoisers split by noise level (eDiff-I's ensemble of expert denoisers, Balaji et al. 2022).
+
+    Called like a denoiser on `schedule`'s timesteps t (B,): where ᾱ_t < switch_abar (the noisy part) it runs
+    `high`, trained on `schedule`; elsewhere `low`, trained on `low_schedule`, at its timestep with the nearest ᾱ
+    (`matching_timesteps`). Both must predict the same target (ε, x0 or v, which depend on ᾱ alone). Sample
+    with `schedule`; a sampler calls one expert per step, a mixed batch of timesteps is split between them.
+    """
+
+    def __init__(self, high: nn.Module, low: nn.Module, schedule: NoiseSchedule, low_schedule: NoiseSchedule,
+                 switch_abar: float = 0.5):
+        super().__init__()
+        if isinstance(switch_abar, bool) or not isinstance(switch_abar, (int, float)) or not 0 < switch_abar < 1:
+            raise ValueError(f"switch_abar must lie in (0, 1) (0.5: SNR = 1), got {switch_abar!r}")
+        self.high, self.low, self.switch_abar = high, low, float(switch_abar)
+        self.register_buffer("abar", schedule.alphas_cumprod.detach().clone(), persistent=False)  # (T,)
+        self.register_buffer("low_t", matching_timesteps(low_schedule, schedule), persistent=False)  # (T,)
+
+    def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
+        b = x.shape[0]
+        t = torch.as_tensor(t, device=x.device).long().expand(b)  # (B,)
+        use_low = self.abar[t] >= self.switch_abar  # (B,)
+        if not use_low.any():
+            return self.high(x, t, **cond)
+        if use_low.all():
+            return self.low(x, self.low_t[t], **cond)
+        out = torch.empty_like(x)
+        for rows, expert, steps in ((~use_low, self.high, t), (use_low, self.low, self.low_t[t])):
+            part = {k: c[rows] if isinstance(c, torch.Tensor) and c.ndim and c.shape[0] == b else c
+                    for k, c in cond.items()}
+            out[rows] = expert(x[rows], steps[rows], **part).to(out.dtype)
+        return out
