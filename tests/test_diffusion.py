@@ -614,8 +614,10 @@ def test_expert_denoisers_route_each_row_by_its_noise_level():
 
 def test_expert_denoisers_of_one_model_on_one_schedule_are_that_model():
     schedule = NoiseSchedule(100, "linear")
-    experts = ExpertDenoisers(_Tagged(0.0), _Tagged(0.0), schedule, schedule, switch_abar=0.3)
+    experts = ExpertDenoisers(_Tagged(0.0), _Tagged(0.0), schedule, schedule, switch_abar=0.7)
     x, t, y = torch.randn(5, 1, 2, 2), torch.tensor([99, 70, 40, 10, 0]), torch.arange(5)
+    abar = schedule.alphas_cumprod[t]
+    assert (abar < 0.7).sum() == 2 and (abar >= 0.7).sum() == 3  # both experts run, in one batch
     assert torch.equal(experts(x, t, y=y), _Tagged(0.0)(x, t, y))
     guided = classifier_free_guidance(experts, 3.0, {"y": torch.zeros(1, dtype=torch.long)})  # a 2B batch inside
     out_c, out_u = _Tagged(0.0)(x, t, y), _Tagged(0.0)(x, t, torch.zeros(5, dtype=torch.long))

@@ -596,19 +596,21 @@ class ExpertDenoisers(nn.Module):
         if isinstance(switch_abar, bool) or not isinstance(switch_abar, (int, float)) or not 0 < switch_abar < 1:
             raise ValueError(f"switch_abar must lie in (0, 1) (0.5: SNR = 1), got {switch_abar!r}")
         self.high, self.low, self.switch_abar = high, low, float(switch_abar)
+        device = schedule.alphas_cumprod.device
         self.register_buffer("abar", schedule.alphas_cumprod.detach().clone(), persistent=False)  # (T,)
-        self.register_buffer("low_t", matching_timesteps(low_schedule, schedule), persistent=False)  # (T,)
+        self.register_buffer("low_t", matching_timesteps(low_schedule, schedule).to(device), persistent=False)  # (T,)
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, **cond) -> torch.Tensor:
         b = x.shape[0]
         t = torch.as_tensor(t, device=x.device).long().expand(b)  # (B,)
-        use_low = self.abar[t] >= self.switch_abar  # (B,)
+        low_t = self.low_t.to(x.device)[t]  # (B,) the low expert's own timesteps (buffers may lag the experts' device)
+        use_low = self.abar.to(x.device)[t] >= self.switch_abar  # (B,)
         if not use_low.any():
             return self.high(x, t, **cond)
         if use_low.all():
-            return self.low(x, self.low_t[t], **cond)
+            return self.low(x, low_t, **cond)
         out = torch.empty_like(x)
-        for rows, expert, steps in ((~use_low, self.high, t), (use_low, self.low, self.low_t[t])):
+        for rows, expert, steps in ((~use_low, self.high, t), (use_low, self.low, low_t)):
             part = {k: c[rows] if isinstance(c, torch.Tensor) and c.ndim and c.shape[0] == b else c
                     for k, c in cond.items()}
             out[rows] = expert(x[rows], steps[rows], **part).to(out.dtype)
