@@ -579,6 +579,8 @@ def test_matching_timesteps_pair_the_noise_levels_of_two_schedules():
         neighbour = (table + step).clamp(0, 999)
         assert (gaps <= (a[neighbour] - a_ref).abs() + 1e-15).all()
     assert gaps.max() < 0.02
+    with pytest.raises(TypeError, match="reference must be a NoiseSchedule"):
+        matching_timesteps(plain, "cosine")
 
 
 class _Tagged(torch.nn.Module):

@@ -373,7 +373,7 @@ def test_plain_timestep_fraction_mixes_the_two_schedules_noise_levels():
     low = (t < table[300]).float().mean().item()  # where the plain schedule spends 30% of its draws
     uniform = table[300].item() / 1000
     assert abs(low - (0.5 * uniform + 0.5 * 0.3)) < 0.015, (low, uniform)
-    for bad in (-0.1, 1.5):
+    for bad in (-0.1, 1.5, "half"):
         with pytest.raises(ValueError, match="plain_timestep_fraction"):
             pretrained._timestep_sampler(pretrained._variant("shapes_text", "x", "", 1,
                                                              options={"plain_timestep_fraction": bad}),

@@ -16,7 +16,7 @@ from torch.nn import functional as F
 from tqdm.auto import tqdm
 
 from .data import ATTRIBUTES, Shapes, dataset_tensors, shapes_caption
-from .diffusion import ExpertDenoisers, NoiseSchedule, classifier_free_guidance, ddim_sample, ddpm_sample
+from .diffusion import NoiseSchedule, classifier_free_guidance, ddim_sample, ddpm_sample
 from .metrics import class_accuracy, extract_features, fd_score, get_evaluator, prompt_adherence
 from .text import Tokenizer
 
@@ -138,9 +138,9 @@ def _shapes_text(name: str, model: nn.Module, device: torch.device, progress: bo
                  scales: tuple[float, ...] = (1.0, 3.0, 5.0), steps: int = 20, experts: bool | None = None,
                  base: bool = True) -> dict[str, Any]:
     """The guidance sweep of a Shapes text U-Net; for shapes_text (or experts=True) also "experts_sweep": the
-    same prompts and noise drawn by `model` while ᾱ < 0.5 and by shapes_text_noshift after it (ExpertDenoisers, as
-    `pretrained.shapes_text_experts`). base=False measures only the experts."""
-    from .pretrained import SHAPE_TRIPLES, load, recipe_schedule, shapes_tokenizer
+    same prompts and noise drawn by `model` while ᾱ < 0.5 and by shapes_text_noshift after it
+    (`pretrained.shapes_text_experts`). base=False measures only the experts."""
+    from .pretrained import SHAPE_TRIPLES, recipe_schedule, shapes_text_experts, shapes_tokenizer
 
     evaluator = get_evaluator("shapes", device=device)
     schedule = recipe_schedule(name).to(device)  # the recipe's own: shapes_text shifted by 4, shapes_text_noshift plain
@@ -163,11 +163,9 @@ def _shapes_text(name: str, model: nn.Module, device: torch.device, progress: bo
 
     result: dict[str, Any] = {"guidance_sweep": sweep(model)} if base else {}
     if experts if experts is not None else name == "shapes_text":  # this model above SNR 1, the plain one below
-        low = load("shapes_text_noshift", device=device)
-        ensemble = ExpertDenoisers(model, low, schedule, recipe_schedule("shapes_text_noshift")).eval()
+        ensemble = shapes_text_experts(device=device, high=model)
         result["experts_sweep"] = sweep(ensemble)
-        result["experts"] = {"high": "shapes_text", "low": "shapes_text_noshift",
-                             "switch_abar": ensemble.switch_abar}
+        result["experts"] = {"high": name, "low": "shapes_text_noshift", "switch_abar": ensemble.switch_abar}
     real_images, _, real_labels = Shapes(size=len(labels), img_size=32, seed=1).tensors()
     return {**result, "sampler": f"DDIM {steps} steps",
             "chance": {"shape": 1 / 3, "color": 1 / 4, "position": 1 / 4, "all": 1 / 48},

@@ -576,6 +576,9 @@ def matching_timesteps(schedule: NoiseSchedule, reference: NoiseSchedule) -> tor
 
     Two denoisers trained on different schedules meet at equal ᾱ: x_t, and the ε, x0 and v targets, depend
     only on ᾱ_t, so a timestep of one schedule is translated to the other through this table."""
+    for name, value in (("schedule", schedule), ("reference", reference)):
+        if not isinstance(value, NoiseSchedule):
+            raise TypeError(f"{name} must be a NoiseSchedule, got {type(value).__name__}")
     a = torch.tensor(schedule.alphas_cumprod_float64, dtype=torch.float64)  # (T,)
     a_ref = torch.tensor(reference.alphas_cumprod_float64, dtype=torch.float64)  # (T_ref,)
     return (a[None, :] - a_ref[:, None]).abs().argmin(dim=1)

@@ -530,11 +530,13 @@ def recipe_schedule(r: Recipe | str) -> NoiseSchedule:
 
 
 def shapes_text_experts(switch_abar: float = 0.5, device: str | torch.device | None = None,
-                        directory: str | os.PathLike | None = None) -> ExpertDenoisers:
+                        directory: str | os.PathLike | None = None, high: nn.Module | None = None
+                        ) -> ExpertDenoisers:
     """Chapter 05's two pixel book checkpoints as one denoiser on shapes_text's shifted schedule: shapes_text,
     which learned where the caption puts the object, while ᾱ < switch_abar (0.5: SNR below 1), then
-    shapes_text_noshift, which learned its shape (`vitdiff.diffusion.ExpertDenoisers`)."""
-    high = load("shapes_text", device=device, directory=directory)
+    shapes_text_noshift, which learned its shape (`vitdiff.diffusion.ExpertDenoisers`). `high` replaces the
+    shipped shapes_text (e.g. one trained in this run)."""
+    high = high if high is not None else load("shapes_text", device=device, directory=directory)
     low = load("shapes_text_noshift", device=device, directory=directory)
     schedule, low_schedule = recipe_schedule("shapes_text"), recipe_schedule("shapes_text_noshift")
     return ExpertDenoisers(high, low, schedule, low_schedule, switch_abar).to(get_device(device)).eval()
@@ -548,8 +550,8 @@ def _timestep_sampler(r: Recipe, schedule: NoiseSchedule, device: torch.device
     p = r.options.get("plain_timestep_fraction")
     if p is None:
         return lambda b: None
-    if not 0 <= p <= 1:
-        raise ValueError(f"plain_timestep_fraction must lie in [0, 1], got {p!r}")
+    if isinstance(p, bool) or not isinstance(p, (int, float)) or not 0 <= p <= 1:
+        raise ValueError(f"plain_timestep_fraction must be a number in [0, 1], got {p!r}")
     table = matching_timesteps(schedule, NoiseSchedule(schedule.num_timesteps, r.options["schedule"])).to(device)
 
     def sample(b: int) -> torch.Tensor:
