@@ -262,6 +262,36 @@ def test_min_snr_weights_of_the_epsilon_loss_are_one_below_gamma_and_finite_at_z
             diffusion_loss(half, s, x0, snr_gamma=bad)
 
 
+def test_input_perturbation_feeds_x_t_of_perturbed_noise_and_keeps_the_clean_target():
+    s = NoiseSchedule(100)
+    torch.manual_seed(0)
+    x0, noise, t, gamma = torch.randn(64, 1, 4, 4), torch.randn(64, 1, 4, 4), torch.randint(0, 100, (64,)), 0.1
+    seen = {}
+
+    def recorder(x, t):
+        seen["x_t"] = x
+        return torch.zeros_like(x)
+
+    torch.manual_seed(1)
+    loss = diffusion_loss(recorder, s, x0, t=t, noise=noise, input_perturbation=gamma)
+    torch.manual_seed(1)
+    xi = torch.randn_like(x0)  # the loss's one fresh draw
+    torch.testing.assert_close(seen["x_t"], s.q_sample(x0, t, noise + gamma * xi))
+    torch.testing.assert_close(loss, noise.pow(2).mean())  # the target is still ε, not ε + γ ξ
+    # an ε oracle that reads the perturbed input back is off by exactly γ ξ: the loss is γ² E[ξ²]
+    a = s.alphas_cumprod[t].view(-1, 1, 1, 1)
+    read_eps = lambda x, t: (x - a.sqrt() * x0) / (1 - a).sqrt()
+    torch.manual_seed(1)
+    torch.testing.assert_close(diffusion_loss(read_eps, s, x0, t=t, noise=noise, input_perturbation=gamma),
+                               (gamma * xi).pow(2).mean(), rtol=1e-3, atol=1e-6)
+    for off in (None, 0.0):  # no perturbation: x_t from ε itself
+        diffusion_loss(recorder, s, x0, t=t, noise=noise, input_perturbation=off)
+        torch.testing.assert_close(seen["x_t"], s.q_sample(x0, t, noise))
+    for bad in (-0.1, math.inf, True, "0.1"):
+        with pytest.raises(ValueError, match="input_perturbation"):
+            diffusion_loss(recorder, s, x0, input_perturbation=bad)
+
+
 def test_diffusion_loss_draws_t_uniformly_from_all_of_0_to_T_minus_1():
     s, n = NoiseSchedule(4), 8000
     seen = []

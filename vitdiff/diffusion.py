@@ -240,10 +240,19 @@ def min_snr_weight(snr: torch.Tensor, gamma: float, prediction: str = "epsilon")
 
 def diffusion_loss(model: Denoiser, schedule: NoiseSchedule, x0: torch.Tensor, prediction: str = "epsilon",
                    t: torch.Tensor | None = None, noise: torch.Tensor | None = None,
-                   snr_gamma: float | None = None, **cond) -> torch.Tensor:
+                   snr_gamma: float | None = None, input_perturbation: float | None = None,
+                   **cond) -> torch.Tensor:
     """Denoising loss: E_{t, ε} ||model(x_t, t) - target||², t ~ U{0..T-1} and ε ~ N(0, I) unless given.
-    With snr_gamma, each sample's squared error is weighted by `min_snr_weight` (Min-SNR-γ)."""
+    With snr_gamma, each sample's squared error is weighted by `min_snr_weight` (Min-SNR-γ).
+    With input_perturbation γ, the model sees x_t built from ε + γ ξ (ξ ~ N(0, I) fresh) while the target keeps ε
+    (DDPM-IP, Ning et al. 2023): training inputs then look a little like the sampler's own imperfect x_t, which
+    reduces the exposure bias that builds up over many sampling steps."""
     _check_choice("prediction", prediction, PREDICTIONS)
+    if input_perturbation is not None and (isinstance(input_perturbation, bool)
+                                           or not isinstance(input_perturbation, (int, float))
+                                           or not 0 <= input_perturbation < math.inf):
+        raise ValueError(f"input_perturbation must be a finite number >= 0 (DDPM-IP uses 0.1), or None, "
+                         f"got {input_perturbation!r}")
     if snr_gamma is not None:
         min_snr_weight(schedule.snr(0), snr_gamma, prediction)  # checks gamma before any work
     if not isinstance(x0, torch.Tensor) or x0.ndim < 1 or x0.shape[0] == 0:
@@ -255,7 +264,8 @@ def diffusion_loss(model: Denoiser, schedule: NoiseSchedule, x0: torch.Tensor, p
     t = schedule.check_timesteps(t, b).to(x0.device).expand(b)  # (B,)
     if noise is None:
         noise = torch.randn_like(x0)
-    x_t = schedule.q_sample(x0, t, noise)
+    model_noise = noise if not input_perturbation else noise + input_perturbation * torch.randn_like(x0)
+    x_t = schedule.q_sample(x0, t, model_noise)
     output = model(x_t, t, **cond)
     _check_same_shape("model output", output, "x0", x0)
     if snr_gamma is None:
