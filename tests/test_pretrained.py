@@ -166,12 +166,20 @@ def test_the_min_snr_option_weights_a_recipes_diffusion_loss():
     model, x0 = pretrained.build_model(base), torch.rand(4, 1, 28, 28) * 2 - 1
     schedule = NoiseSchedule(1000, base.options["schedule"])
     losses = {}
-    for tag, r, gamma in (("plain", base, None), ("weighted", weighted, 5.0)):
+    perturbed = pretrained.recipe("mnist_ddpm_ip")  # a candidate: input perturbation 0.1 on top of Min-SNR-5
+    for tag, r, gamma, ip in (("plain", base, None, None), ("weighted", weighted, 5.0, None),
+                              ("perturbed", perturbed, 5.0, 0.1)):
         torch.manual_seed(1)  # the same t and noise for the recipe's loss and the direct call
         losses[tag] = pretrained.recipe_loss(r, torch.device("cpu"))(model, (x0,))
         torch.manual_seed(1)
-        torch.testing.assert_close(losses[tag], diffusion_loss(model, schedule, x0, base.objective, snr_gamma=gamma))
+        torch.testing.assert_close(losses[tag], diffusion_loss(model, schedule, x0, base.objective, snr_gamma=gamma,
+                                                               input_perturbation=ip))
     assert not torch.isclose(losses["plain"], losses["weighted"])
+    half = lambda x, t: 0.5 * x  # a denoiser that reads its input (the fresh U-Net's zero output does not)
+    torch.manual_seed(2)
+    perturbed_loss = pretrained.recipe_loss(perturbed, torch.device("cpu"))(half, (x0,))
+    torch.manual_seed(2)
+    assert not torch.isclose(perturbed_loss, pretrained.recipe_loss(weighted, torch.device("cpu"))(half, (x0,)))
 
 
 def test_held_out_combinations_leave_every_attribute_value_in_training():
@@ -301,16 +309,39 @@ def test_the_min_snr_comparison_matches_the_shipped_table_and_survives_re_measur
         shutil.copy(path, tmp_path / path.name)
     monkeypatch.setattr(bookmetrics, "measure", lambda *args, **kwargs: {"fd_table": []})
     meta = pretrained.evaluate_recipe("mnist_ddpm", directory=tmp_path, device="cpu", progress=False)
-    assert meta["metrics"]["fd_table"] == [] and meta["metrics"]["min_snr_comparison"] == metrics["min_snr_comparison"]
-    assert pretrained.info("mnist_ddpm", tmp_path)["metrics"]["min_snr_comparison"] == metrics["min_snr_comparison"]
+    records = ("min_snr_comparison", "input_perturbation_comparison")
+    assert meta["metrics"]["fd_table"] == []
+    for key in records:
+        assert meta["metrics"][key] == metrics[key]
+        assert pretrained.info("mnist_ddpm", tmp_path)["metrics"][key] == metrics[key]
     # ... but not once the weights are others than the ones it compared
     sidecar = pretrained.paths("mnist_ddpm", tmp_path)[1]
     meta = json.loads(sidecar.read_text())
-    meta["metrics"]["min_snr_comparison"]["sha256"] = "0" * 64
+    for key in records:
+        meta["metrics"][key]["sha256"] = "0" * 64
     sidecar.write_text(json.dumps(meta))
     monkeypatch.setattr(pretrained, "load", lambda *args, **kwargs: None)
-    assert "min_snr_comparison" not in pretrained.evaluate_recipe("mnist_ddpm", directory=tmp_path,
-                                                                   progress=False)["metrics"]
+    remeasured = pretrained.evaluate_recipe("mnist_ddpm", directory=tmp_path, progress=False)["metrics"]
+    assert not set(records) & set(remeasured)
+
+
+def test_the_input_perturbation_comparison_names_the_shipped_rows_and_its_candidates():
+    metrics = pretrained.info("mnist_ddpm")["metrics"]
+    record = metrics["input_perturbation_comparison"]
+    assert record["sha256"] == pretrained.info("mnist_ddpm")["sha256"]
+    assert record["floor"] == metrics["fd_table"][0]["floor"]
+    # the rows without the perturbation are the book model's own table and the plain-loss training's
+    table = {(r["sampler"], r["steps"]): r["fd"] for r in metrics["fd_table"]}
+    plain = {(r["sampler"], r["steps"]): r["fd_plain_loss"] for r in metrics["min_snr_comparison"]["rows"]}
+    for row in record["rows"]:
+        source = table if row["loss"] == "Min-SNR-5" else plain
+        assert row["fd_without"] == source[(row["sampler"], row["steps"])]
+        assert math.isfinite(row["fd_with"]) and row["fd_with"] > record["floor"]
+    # the perturbed trainings are reproducible candidates of the book recipe that differ only in that option
+    for name, gamma in (("mnist_ddpm_ip", 5.0), ("mnist_ddpm_ip_plain", None)):
+        candidate, book = pretrained.recipe(name), pretrained.recipe("mnist_ddpm")
+        assert candidate.options == {**book.options, "min_snr_gamma": gamma, "input_perturbation": record["gamma"]}
+        assert (candidate.config, candidate.train) == (book.config, book.train)
 
 
 def test_the_vit_seed_comparison_names_the_shipped_runs():
