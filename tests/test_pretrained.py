@@ -109,12 +109,13 @@ def test_candidates_keep_the_model_data_and_objective_of_their_recipe():
         assert pretrained.recipe(name) is candidate
         assert (candidate.model, candidate.data, candidate.objective) == (base.model, base.data, base.objective)
         # training: only the length, the batch, the learning rate and the seed may change; options: added, or a
-        # distillation weight or temperature changed, never what names the data (teacher, VAE, noise schedule)
+        # distillation weight or temperature or the loss weighting changed, never what names the data (teacher,
+        # VAE, noise schedule)
         assert set(candidate.train) == set(base.train)
         assert {k for k in base.train if candidate.train[k] != base.train[k]} <= {"steps", "batch_size", "lr", "seed"}
         assert set(base.options) <= set(candidate.options)
         changed = {k for k in base.options if candidate.options[k] != base.options[k]}
-        assert changed <= {"distill_weight", "distill_temperature"}, (name, changed)
+        assert changed <= {"distill_weight", "distill_temperature", "min_snr_gamma"}, (name, changed)
         assert (candidate.config, candidate.train, candidate.options) != (base.config, base.train, base.options)
         pretrained.build_model(candidate)  # the config builds
 
