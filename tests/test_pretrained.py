@@ -181,6 +181,9 @@ def test_the_min_snr_option_weights_a_recipes_diffusion_loss():
     perturbed_loss = pretrained.recipe_loss(perturbed, torch.device("cpu"))(half, (x0,))
     torch.manual_seed(2)
     assert not torch.isclose(perturbed_loss, pretrained.recipe_loss(weighted, torch.device("cpu"))(half, (x0,)))
+    with pytest.raises(ValueError, match="input_perturbation"):  # not an option of the flow objective
+        pretrained.recipe_loss(pretrained._variant("fmnist_unet_flow", "x", "", 1, options={"input_perturbation": 0.1}),
+                               torch.device("cpu"))
 
 
 def test_held_out_combinations_leave_every_attribute_value_in_training():

@@ -573,9 +573,13 @@ def _timestep_sampler(r: Recipe, schedule: NoiseSchedule, device: torch.device
 def recipe_loss(r: Recipe, device: torch.device) -> Callable[[nn.Module, tuple[torch.Tensor, ...]], Any]:
     """loss_fn(model, batch) for `vitdiff.train.train`, from the recipe's objective and options."""
     o = r.options
+    if o.get("input_perturbation") is not None and r.objective not in ("epsilon", "v"):
+        raise ValueError(f"recipe {r.name}: input_perturbation applies to the epsilon and v diffusion objectives, "
+                         f"not {r.objective!r}")
     if r.objective in ("epsilon", "v"):
         schedule = recipe_schedule(r).to(device)
         gamma = o.get("min_snr_gamma")  # Min-SNR-γ loss weighting, None: the plain MSE
+        perturb = o.get("input_perturbation")  # DDPM-IP's γ, None: none
         if r.model == "TextUNet":
             tokenizer = shapes_tokenizer()
             table = caption_table(tokenizer).to(device)  # (5, 48, L)
@@ -588,11 +592,11 @@ def recipe_loss(r: Recipe, device: torch.device) -> Callable[[nn.Module, tuple[t
                 variant = torch.multinomial(probs, len(labels), replacement=True)  # which words survive
                 ids = table[variant, (labels * weights).sum(dim=1)]  # (B, L)
                 return diffusion_loss(model, schedule, x0, r.objective, t=sample_t(len(labels)), snr_gamma=gamma,
-                                      ids=ids, ids_mask=ids != tokenizer.pad_id)
+                                      input_perturbation=perturb, ids=ids, ids_mask=ids != tokenizer.pad_id)
             return text_loss
         if r.config.get("num_classes") and r.model == "DiT":  # the DiT drops labels itself (class_dropout_prob)
             return lambda model, batch: diffusion_loss(model, schedule, batch[0], r.objective, snr_gamma=gamma,
-                                                       y=batch[1])
+                                                       input_perturbation=perturb, y=batch[1])
         if r.config.get("num_classes"):
             null, p = r.config["num_classes"], o.get("label_dropout", 0.1)
 
@@ -600,9 +604,8 @@ def recipe_loss(r: Recipe, device: torch.device) -> Callable[[nn.Module, tuple[t
                 x0, y = batch
                 drop = torch.rand(len(y), device=y.device) < p
                 return diffusion_loss(model, schedule, x0, r.objective, snr_gamma=gamma,
-                                      y=torch.where(drop, null, y))
+                                      input_perturbation=perturb, y=torch.where(drop, null, y))
             return class_loss
-        perturb = o.get("input_perturbation")  # DDPM-IP's γ, None: none
         return lambda model, batch: diffusion_loss(model, schedule, batch[0], r.objective, snr_gamma=gamma,
                                                    input_perturbation=perturb)
     if r.objective == "flow" and r.model in ("TextMMDiT", "TextUNet"):
