@@ -108,11 +108,12 @@ def test_candidates_keep_the_model_data_and_objective_of_their_recipe():
         base = pretrained.RECIPES[max((n for n in pretrained.RECIPES if name.startswith(n + "_")), key=len)]
         assert pretrained.recipe(name) is candidate
         assert (candidate.model, candidate.data, candidate.objective) == (base.model, base.data, base.objective)
-        # training: only the length, the batch, the learning rate and the seed may change; options: added, or a
-        # distillation weight or temperature or the loss weighting changed, never what names the data (teacher,
-        # VAE, noise schedule)
-        assert set(candidate.train) == set(base.train)
-        assert {k for k in base.train if candidate.train[k] != base.train[k]} <= {"steps", "batch_size", "lr", "seed"}
+        # training: only the length, the batch, the learning rate, Adam's betas and the seed may change; options:
+        # added, or a distillation weight or temperature or the loss weighting changed, never what names the data
+        # (teacher, VAE, noise schedule)
+        assert set(base.train) <= set(candidate.train) <= set(base.train) | {"betas"}
+        assert {k for k in candidate.train if candidate.train[k] != base.train.get(k)} <= {
+            "steps", "batch_size", "lr", "seed", "betas"}
         assert set(base.options) <= set(candidate.options)
         changed = {k for k in base.options if candidate.options[k] != base.options[k]}
         assert changed <= {"distill_weight", "distill_temperature", "min_snr_gamma"}, (name, changed)
@@ -418,6 +419,32 @@ def test_plain_timestep_fraction_mixes_the_two_schedules_noise_levels():
             pretrained._timestep_sampler(pretrained._variant("shapes_text", "x", "", 1,
                                                              options={"plain_timestep_fraction": bad}),
                                          shifted, torch.device("cpu"))
+
+
+def test_stratified_timesteps_put_one_t_in_each_slice_and_stay_uniform_per_sample():
+    r = pretrained.CANDIDATES["mnist_ddpm_strat"]
+    schedule = pretrained.recipe_schedule(r)
+    sample = pretrained._timestep_sampler(r, schedule, torch.device("cpu"))
+    torch.manual_seed(0)
+    for b in (1, 7, 128):
+        t = sample(b)
+        assert t.dtype == torch.long and t.shape == (b,) and 0 <= t.min() and t.max() < 1000
+        slices = torch.sort(t * b // 1000).values  # which of the B equal slices of [0, T) each t falls in
+        assert torch.equal(slices, torch.arange(b)), (b, t)
+    first = torch.stack([sample(8)[0] for _ in range(4000)])  # one position across batches: uniform on [0, T)
+    assert abs(first.float().mean().item() - 499.5) < 15 and first.min() < 50 and first.max() > 950
+    # the recipe's unconditional loss draws its t from this sampler (a model that reads t back sees the slices)
+    seen = {}
+
+    def read_t(x, t):
+        seen["t"] = t
+        return torch.zeros_like(x)
+    pretrained.recipe_loss(r, torch.device("cpu"))(read_t, (torch.zeros(16, 1, 28, 28),))
+    assert torch.equal(torch.sort(seen["t"] * 16 // 1000).values, torch.arange(16))
+    with pytest.raises(ValueError, match="exclude each other"):
+        pretrained._timestep_sampler(pretrained._variant("mnist_ddpm", "x", "", 1, options={
+            "stratified_timesteps": True, "plain_timestep_fraction": 0.5}),
+                                     schedule, torch.device("cpu"))
 
 
 def test_a_diffusion_recipe_trains_with_its_own_shifted_schedule():
