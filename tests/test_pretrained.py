@@ -10,7 +10,7 @@ import shutil
 import pytest
 import torch
 
-from vitdiff import pretrained
+from vitdiff import bookmetrics, pretrained
 from vitdiff.metrics import evaluator_data, get_evaluator
 
 SHIPPED = sorted(set(pretrained.RECIPES) - pretrained.PLANNED - pretrained.METRICS_ONLY)
@@ -287,8 +287,6 @@ def test_list_names_every_recipe_and_says_which_ship_as_sidecars(capsys):
 
 
 def test_mnist_ddpm_table_has_the_kept_eps_rows_and_can_skip_the_1000_step_row():
-    from vitdiff import bookmetrics
-
     model = pretrained.load("mnist_ddpm")
     m = bookmetrics.measure("mnist_ddpm", model, torch.device("cpu"), progress=False, samples=32, samples_1000=0,
                             steps=(3,), diffusers_default_steps=(3,))
@@ -470,3 +468,18 @@ def test_a_diffusion_recipe_trains_with_its_own_shifted_schedule():
         ids = pretrained.caption_table(tokenizer)[variant, (labels * torch.tensor([16, 4, 1])).sum(dim=1)]
         expected = diffusion_loss(model, schedule, x0, "v", ids=ids, ids_mask=ids != tokenizer.pad_id)
         assert torch.allclose(loss, expected) == same
+
+
+def test_latent_class_samples_take_the_recipes_own_noise_schedule():
+    from vitdiff.diffusion import NoiseSchedule
+
+    torch.manual_seed(0)  # an untrained DiT of the recipe is enough: the test is about which schedule is used
+    model = pretrained.build_model(pretrained.recipe("fmnist_dit_eps")).eval()
+    labels = torch.tensor([0, 7])
+    default = bookmetrics.latent_class_samples(model, "epsilon", labels, steps=4)  # (2, 1, 28, 28) in [0, 1]
+    assert default.shape == (2, 1, 28, 28) and 0 <= default.min() and default.max() <= 1
+    torch.testing.assert_close(default, bookmetrics.latent_class_samples(
+        model, "epsilon", labels, steps=4, schedule=pretrained.recipe_schedule("fmnist_dit_eps")))
+    shifted = bookmetrics.latent_class_samples(model, "epsilon", labels, steps=4,
+                                               schedule=NoiseSchedule(1000, "linear", shift=3.0))
+    assert (shifted - default).abs().max() > 1e-2  # the schedule passed in is the one sampled with

@@ -296,18 +296,19 @@ def gflops(model: nn.Module, x: torch.Tensor, t: torch.Tensor, **cond: torch.Ten
 @torch.no_grad()
 def latent_class_samples(model: nn.Module, objective: str, labels: torch.Tensor, *, scale: float = 1.0,
                          steps: int = 20, method: str = "euler", eta: float = 0.0, seed: int = 0,
-                         batch_size: int = 250, schedule_name: str = "linear") -> torch.Tensor:
+                         batch_size: int = 250, schedule: NoiseSchedule | None = None) -> torch.Tensor:
     """Class-conditional Fashion-MNIST samples (N, 1, 28, 28) in [0, 1] from a latent model and the fmnist_vae.
 
     objective "flow": `vitdiff.flow.sample` with `method` ("euler" | "heun"); "epsilon": DDIM with `eta`
-    (eta = 1: strided ancestral DDPM) under the noise schedule `schedule_name` the model was trained with.
+    (eta = 1: strided ancestral DDPM) under the `schedule` the model was trained with (None: the linear one of
+    1000 steps; `vitdiff.pretrained.recipe_schedule(name)` gives a recipe's own, shift included)
     scale > 1 guides against the null class (label 10)."""
     from . import flow
     from .pretrained import load
 
     device = next(model.parameters()).device
     vae = load("fmnist_vae", device=device)
-    schedule = NoiseSchedule(1000, schedule_name).to(device)
+    schedule = (schedule if schedule is not None else NoiseSchedule(1000, "linear")).to(device)
     generator = torch.Generator(device).manual_seed(seed)
     null = torch.full((1,), 10, dtype=torch.long, device=device)
     out = []
@@ -327,9 +328,10 @@ def latent_class_samples(model: nn.Module, objective: str, labels: torch.Tensor,
 def _latent_dit(name: str, model: nn.Module, device: torch.device, progress: bool, samples: int = 500,
                 scales: tuple[float, ...] = (1.0, 2.0, 4.0), steps: int = 20,
                 step_table: tuple[int, ...] = ()) -> dict[str, Any]:
-    from .pretrained import recipe
+    from .pretrained import recipe, recipe_schedule
 
-    objective, schedule_name = recipe(name).objective, recipe(name).options.get("schedule", "linear")
+    objective = recipe(name).objective
+    schedule = None if objective == "flow" else recipe_schedule(name)  # a flow model has no noise schedule
     evaluator = get_evaluator("fashion_mnist", device=device)
     test_x, _ = dataset_tensors("fashion_mnist", train=False, limit=samples)
     labels = torch.arange(10).repeat_interleave(samples // 10)
@@ -339,7 +341,7 @@ def _latent_dit(name: str, model: nn.Module, device: torch.device, progress: boo
         return {**what, "samples": len(x), "class_accuracy": class_accuracy(evaluator, x, labels),
                 "fd": fd_score(evaluator, test_x[:len(x)], x)}
 
-    sweep = [row(latent_class_samples(model, objective, labels, scale=s, steps=steps, schedule_name=schedule_name),
+    sweep = [row(latent_class_samples(model, objective, labels, scale=s, steps=steps, schedule=schedule),
                  scale=s) for s in
              tqdm(scales, desc=f"{name} guidance", disable=not progress, leave=False)]
     table = []
@@ -347,7 +349,7 @@ def _latent_dit(name: str, model: nn.Module, device: torch.device, progress: boo
     for n in tqdm(step_table, desc=f"{name} steps", disable=not progress, leave=False):
         for sampler, eta in samplers:
             x = latent_class_samples(model, objective, labels, steps=n, method=sampler, eta=eta,
-                                     schedule_name=schedule_name)
+                                     schedule=schedule)
             # Heun evaluates the model twice per step but once on the last one: 2n - 1 evaluations
             table.append(row(x, sampler=sampler, steps=n, evaluations=2 * n - 1 if sampler == "heun" else n))
     x = torch.zeros(1, 4, 8, 8, device=device)
