@@ -817,9 +817,9 @@ def train_recipe(name: str, *, steps: int | None = None, directory: str | os.Pat
 # measurements of other trainings, made once (mnist_ddpm's min_snr_comparison, the same recipe trained without
 # its Min-SNR weights, and input_perturbation_comparison, it and that one trained with input perturbation;
 # fmnist_vit's seed_comparison, it and fmnist_vit_cls trained with another seed), which re-measuring cannot redo,
-# and slow extra draws of the same weights (mnist_ddpm's fd_1000_second_draw, 43 CPU-minutes)
+# and slow extra draws of the same weights (mnist_ddpm's fd_1000_draws, 43 CPU-minutes each)
 KEPT_RECORDS: tuple[str, ...] = ("min_snr_comparison", "input_perturbation_comparison", "seed_comparison",
-                                 "fd_1000_second_draw")
+                                 "fd_1000_draws")
 
 
 def evaluate_recipe(name: str, directory: str | os.PathLike | None = None, device: str | torch.device | None = None,
