@@ -284,11 +284,14 @@ __all__ = ["ATTRIBUTES", "crop28", "fd_floor", "feature_diversity", "generate", 
 
 
 def gflops(model: nn.Module, x: torch.Tensor, t: torch.Tensor, **cond: torch.Tensor) -> float:
-    """Forward GFLOPs of one call on a batch of one (multiply-adds count 2), measured by torch's FLOP counter."""
+    """Forward GFLOPs of one call on a batch of one (multiply-adds count 2, so half of this is the DiT paper's
+    "Gflops"), measured by torch's FLOP counter. Attention is counted through SDPA's math backend, whose matrix
+    products the counter sees on every device (the fused CPU kernel is invisible to it)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.utils.flop_counter import FlopCounterMode
 
     counter = FlopCounterMode(display=False)
-    with counter, torch.no_grad():
+    with counter, torch.no_grad(), sdpa_kernel(SDPBackend.MATH):
         model(x[:1], t[:1], **{k: v[:1] for k, v in cond.items()})
     return counter.get_total_flops() / 1e9
 
