@@ -279,7 +279,7 @@ def test_input_errors():
     assert model(x, torch.tensor(10), y).shape == (3, 4, 8, 8)  # a scalar timestep is broadcast
 
 
-def test_gflops_count_the_attention_products_on_the_cpu():
+def test_gflops_count_the_attention_products_on_the_cpu(monkeypatch):
     # the fused CPU attention kernel is invisible to torch's FLOP counter; bookmetrics.gflops must still count
     # QK^T and AV: 2 products of T x T x D multiply-adds per block, 2 FLOPs each
     from vitdiff import bookmetrics
@@ -289,11 +289,8 @@ def test_gflops_count_the_attention_products_on_the_cpu():
                 num_classes=10).eval()
     x, t, y = torch.zeros(1, 4, 8, 8), torch.full((1,), 0.5), torch.zeros(1, dtype=torch.long)
     counted = bookmetrics.gflops(model, x, t, y=y)
-    real_sdpa = torch.nn.functional.scaled_dot_product_attention
-    try:  # the same model with attention that costs nothing: v passed through
-        torch.nn.functional.scaled_dot_product_attention = lambda q, k, v, **kwargs: v
-        without = bookmetrics.gflops(model, x, t, y=y)
-    finally:
-        torch.nn.functional.scaled_dot_product_attention = real_sdpa
+    # the same model with attention that costs nothing: v passed through
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", lambda q, k, v, **kwargs: v)
+    without = bookmetrics.gflops(model, x, t, y=y)
     tokens, width, depth = 16, 32, 2
     assert math.isclose((counted - without) * 1e9, depth * 2 * 2 * tokens * tokens * width, rel_tol=1e-9)
